@@ -1,0 +1,402 @@
+"""The diffusion UNet (after OpenAI's guided-diffusion, as used by latent diffusion and Stable Diffusion).
+
+Submodule names and order reproduce the official state-dict layout (`time_embed.0/2`, `input_blocks.N.M`,
+`middle_block.0/1/2`, `output_blocks.N.M`, `out.0/2`) so that original checkpoints load unchanged.
+"""
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.util import (
+    avg_pool_nd,
+    checkpoint,
+    conv_nd,
+    linear,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+
+def convert_module_to_f16(module):
+    """Halve the weights that carry the compute (convs, linears); norms stay float32 for stability."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        module.half()
+
+
+def convert_module_to_f32(module):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        module.float()
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward also takes the timestep embedding."""
+
+    @abstractmethod
+    def forward(self, x, emb):
+        """Apply the module to `x` given the timestep embeddings `emb`."""
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """A sequential that hands the timestep embedding and the text context to the children that take them."""
+
+    def forward(self, x, emb, context=None):
+        for layer in self:
+            if isinstance(layer, TimestepBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution. 3-D signals upsample only H, W."""
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
+
+    def forward(self, x):
+        assert x.shape[1] == self.channels
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.use_conv:
+            x = self.conv(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """2x downsampling by a strided 3x3 convolution, or by average pooling. 3-D signals downsample only H, W."""
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=padding)
+        else:
+            if self.channels != self.out_channels:
+                raise ValueError("Downsample without a convolution cannot change the number of channels.")
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        assert x.shape[1] == self.channels
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the timestep embedding, optionally resampling (`up`/`down`) on the way."""
+
+    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_conv=False,
+                 use_scale_shift_norm=False, dims=2, use_checkpoint=False, up=False, down=False):
+        super().__init__()
+        self.channels = channels
+        self.emb_channels = emb_channels
+        self.dropout = dropout
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+
+        self.in_layers = nn.Sequential(
+            normalization(channels),
+            nn.SiLU(),
+            conv_nd(dims, channels, self.out_channels, 3, padding=1),
+        )
+
+        self.updown = up or down
+        if up:
+            self.h_upd = Upsample(channels, False, dims)
+            self.x_upd = Upsample(channels, False, dims)
+        elif down:
+            self.h_upd = Downsample(channels, False, dims)
+            self.x_upd = Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+
+        # With scale-shift norm the embedding yields a scale and a shift, hence twice the channels.
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x, emb):
+        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
+
+    def _forward(self, x, emb):
+        if self.updown:
+            # Resample between the activation and the convolution, the skip path alongside.
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_conv(self.h_upd(in_rest(x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *((1,) * (h.ndim - emb_out.ndim)))
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = out_rest(out_norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the spatial positions of a feature map (the UNet's attention without text)."""
+
+    def __init__(self, channels, num_heads=1, num_head_channels=-1, use_checkpoint=False,
+                 use_new_attention_order=False):
+        super().__init__()
+        self.channels = channels
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(f"channels {channels} are not divisible by num_head_channels {num_head_channels}")
+            self.num_heads = channels // num_head_channels
+        self.use_checkpoint = use_checkpoint
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        attention = QKVAttention if use_new_attention_order else QKVAttentionLegacy
+        self.attention = attention(self.num_heads)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def forward(self, x):
+        return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
+
+    def _forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        return (x + h).reshape(b, c, *spatial)
+
+
+def _attend(q, k, v):
+    """q, k, v: (batch*heads, channels, length) -> (batch*heads, channels, length)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+class QKVAttentionLegacy(nn.Module):
+    """Attention over a (batch, heads * 3 * ch, length) tensor laid out head by head, then q, k, v."""
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        return _attend(q, k, v).reshape(bs, -1, length)
+
+
+class QKVAttention(nn.Module):
+    """Attention over a (batch, 3 * heads * ch, length) tensor laid out q, k, v, then head by head."""
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
+        return _attend(q, k, v).reshape(bs, -1, length)
+
+
+class UNetModel(nn.Module):
+    """The full UNet with timestep embedding and, with `use_spatial_transformer`, cross-attention to `context`.
+
+    :param attention_resolutions: downsampling rates (1, 2, 4, ...) at which attention is applied.
+    :param num_heads / num_head_channels: a fixed number of heads, or a fixed width per head (one must be -1).
+    :param num_classes: class-conditional when set (`y` labels in forward).
+    :param use_checkpoint: recompute activations in backward to save memory.
+    :param use_fp16: run the torso (input, middle and output blocks) in half precision.
+    :param context_dim: width of the text context for cross-attention.
+    :param n_embed: predict codebook ids of a VQ first stage instead of the noise.
+    :param legacy: the original's head-width rule (kept so that old configs build the same network).
+    """
+
+    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
+                 attention_resolutions, dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2,
+                 num_classes=None, use_checkpoint=False, use_fp16=False, num_heads=-1, num_head_channels=-1,
+                 num_heads_upsample=-1, use_scale_shift_norm=False, resblock_updown=False,
+                 use_new_attention_order=False, use_spatial_transformer=False, transformer_depth=1,
+                 context_dim=None, n_embed=None, legacy=True):
+        super().__init__()
+        if use_spatial_transformer and context_dim is None:
+            raise ValueError("use_spatial_transformer needs context_dim (the width of the conditioning).")
+        if context_dim is not None and not use_spatial_transformer:
+            raise ValueError("context_dim is only used by the spatial transformer: set use_spatial_transformer.")
+        if isinstance(context_dim, Sequence):
+            raise ValueError(f"context_dim must be one integer, got {context_dim!r}.")
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("set either num_heads or num_head_channels.")
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.conv_resample = conv_resample
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+        self.predict_codebook_ids = n_embed is not None
+
+        def resblock(ch, out_ch, **updown):
+            return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch, dims=dims,
+                            use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, **updown)
+
+        def attention(ch, heads_without_text=num_heads):
+            if num_head_channels == -1:
+                heads, dim_head = num_heads, ch // num_heads
+            else:
+                heads, dim_head = ch // num_head_channels, num_head_channels
+            if use_spatial_transformer:
+                if legacy:
+                    dim_head = ch // heads
+                return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, context_dim=context_dim,
+                                          use_checkpoint=use_checkpoint)
+            # The legacy rule hands AttentionBlock the configured head width (which may be -1: use the head count).
+            return AttentionBlock(ch, use_checkpoint=use_checkpoint, num_heads=heads_without_text,
+                                  num_head_channels=num_head_channels if legacy else dim_head,
+                                  use_new_attention_order=use_new_attention_order)
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, time_embed_dim),
+            nn.SiLU(),
+            linear(time_embed_dim, time_embed_dim),
+        )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+        self.input_blocks = nn.ModuleList([
+            TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))
+        ])
+        input_block_chans = [model_channels]
+        ch = model_channels
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [resblock(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(attention(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                input_block_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = resblock(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims=dims)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                input_block_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), attention(ch), resblock(ch, ch))
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [resblock(ch + input_block_chans.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, heads_without_text=num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(resblock(ch, ch, up=True) if resblock_updown
+                                  else Upsample(ch, conv_resample, dims=dims))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
+        )
+        if self.predict_codebook_ids:
+            self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
+        if use_fp16:
+            self.convert_to_fp16()
+
+    def _torso(self):
+        return self.input_blocks, self.middle_block, self.output_blocks
+
+    def convert_to_fp16(self):
+        for part in self._torso():
+            part.apply(convert_module_to_f16)
+        self.dtype = torch.float16
+
+    def convert_to_fp32(self):
+        for part in self._torso():
+            part.apply(convert_module_to_f32)
+        self.dtype = torch.float32
+
+    def forward(self, x, timesteps=None, context=None, y=None):
+        """
+        :param x: (N, C, ...) noisy inputs.
+        :param timesteps: (N,) timesteps.
+        :param context: (N, L, context_dim) conditioning for cross-attention.
+        :param y: (N,) class labels, if class-conditional.
+        :return: (N, out_channels, ...) outputs (or codebook logits with n_embed).
+        """
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("pass y (class labels) exactly when the model is class-conditional (num_classes).")
+        if isinstance(context, (list, tuple)):
+            raise TypeError("context must be one tensor (N, L, context_dim); per-block context lists are not supported.")
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+            emb = emb + self.label_emb(y)
+
+        h = x.type(self.dtype)
+        emb = emb.type(self.dtype)
+        if context is not None:
+            context = context.type(self.dtype)
+        hs = []
+        for module in self.input_blocks:
+            h = module(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
+        h = h.type(x.dtype)
+        return self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
