@@ -1,0 +1,676 @@
+"""Denoising diffusion in pixel space (DDPM) and in an autoencoder's latent space (LatentDiffusion).
+
+LatentDiffusion also carries textual inversion: with a `personalization_config` it builds an
+EmbeddingManager, freezes the UNet and the text encoder, and trains only the manager's vectors.
+"""
+import os
+from contextlib import contextmanager
+from functools import partial
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.util import count_params, default, exists, instantiate_from_config, log_txt_as_img
+
+__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
+
+
+def disabled_train(self, mode=True):
+    """Replaces `.train` on frozen modules so that Lightning cannot switch them back to training mode."""
+    return self
+
+
+def freeze(module):
+    module.eval()
+    module.train = disabled_train.__get__(module)
+    for p in module.parameters():
+        p.requires_grad = False
+    return module
+
+
+def uniform_on_device(r1, r2, shape, device):
+    return (r1 - r2) * torch.rand(*shape, device=device) + r2
+
+
+class DDPM(pl.LightningModule):
+    """Gaussian diffusion with a UNet denoiser, trained on the simple (and optionally VLB) objective."""
+
+    def __init__(self, unet_config, timesteps=1000, beta_schedule="linear", loss_type="l2", ckpt_path=None,
+                 ignore_keys=(), load_only_unet=False, monitor="val/loss", use_ema=True, first_stage_key="image",
+                 image_size=256, channels=3, log_every_t=100, clip_denoised=True, linear_start=1e-4,
+                 linear_end=2e-2, cosine_s=8e-3, given_betas=None, original_elbo_weight=0.,
+                 embedding_reg_weight=0., unfreeze_model=False, model_lr=0., v_posterior=0.,
+                 l_simple_weight=1., conditioning_key=None, parameterization="eps", scheduler_config=None,
+                 use_positional_encodings=False, learn_logvar=False, logvar_init=0.):
+        super().__init__()
+        if parameterization not in ("eps", "x0"):
+            raise ValueError(f"parameterization must be 'eps' or 'x0', got {parameterization!r}")
+        self.parameterization = parameterization
+        print(f"{self.__class__.__name__}: Running in {self.parameterization}-prediction mode")
+        self.cond_stage_model = None
+        self.clip_denoised = clip_denoised
+        self.log_every_t = log_every_t
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.use_positional_encodings = use_positional_encodings
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        count_params(self.model, verbose=True)
+        self.use_ema = use_ema
+        if self.use_ema:
+            self.model_ema = LitEma(self.model)
+            print(f"Keeping EMAs of {len(list(self.model_ema.buffers()))}.")
+        self.use_scheduler = scheduler_config is not None
+        if self.use_scheduler:
+            self.scheduler_config = scheduler_config
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.embedding_reg_weight = embedding_reg_weight
+        self.unfreeze_model = unfreeze_model
+        self.model_lr = model_lr
+        if monitor is not None:
+            self.monitor = monitor
+        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        self.loss_type = loss_type
+        self.learn_logvar = learn_logvar
+        logvar = torch.full((self.num_timesteps,), logvar_init)
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar, requires_grad=True)
+        else:
+            self.register_buffer("logvar", logvar, persistent=False)
+        self._generators, self._pending_generator_state = {}, {}
+        self.learning_rate = 1.0e-4  # main.py sets it from the config's base_learning_rate
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    # ----------------------------------------------------------------- schedule
+    def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
+                          linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
+        if exists(given_betas):
+            betas = np.asarray(given_betas, dtype=np.float64)
+        else:
+            betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start,
+                                       linear_end=linear_end, cosine_s=cosine_s)
+        alphas = 1. - betas
+        alphas_cumprod = np.cumprod(alphas, axis=0)
+        alphas_cumprod_prev = np.append(1., alphas_cumprod[:-1])
+        self.num_timesteps = int(betas.shape[0])
+        self.linear_start, self.linear_end = linear_start, linear_end
+        assert alphas_cumprod.shape[0] == self.num_timesteps, "alphas have to be defined for each timestep"
+
+        to_torch = partial(torch.tensor, dtype=torch.float32)
+        self.register_buffer("betas", to_torch(betas))
+        self.register_buffer("alphas_cumprod", to_torch(alphas_cumprod))
+        self.register_buffer("alphas_cumprod_prev", to_torch(alphas_cumprod_prev))
+        # q(x_t | x_0)
+        self.register_buffer("sqrt_alphas_cumprod", to_torch(np.sqrt(alphas_cumprod)))
+        self.register_buffer("sqrt_one_minus_alphas_cumprod", to_torch(np.sqrt(1. - alphas_cumprod)))
+        self.register_buffer("log_one_minus_alphas_cumprod", to_torch(np.log(1. - alphas_cumprod)))
+        self.register_buffer("sqrt_recip_alphas_cumprod", to_torch(np.sqrt(1. / alphas_cumprod)))
+        self.register_buffer("sqrt_recipm1_alphas_cumprod", to_torch(np.sqrt(1. / alphas_cumprod - 1)))
+        # q(x_{t-1} | x_t, x_0)
+        posterior_variance = ((1 - self.v_posterior) * betas * (1. - alphas_cumprod_prev) / (1. - alphas_cumprod)
+                              + self.v_posterior * betas)
+        self.register_buffer("posterior_variance", to_torch(posterior_variance))
+        # the variance is 0 at the start of the chain, so clip the log
+        self.register_buffer("posterior_log_variance_clipped", to_torch(np.log(np.maximum(posterior_variance, 1e-20))))
+        self.register_buffer("posterior_mean_coef1",
+                             to_torch(betas * np.sqrt(alphas_cumprod_prev) / (1. - alphas_cumprod)))
+        self.register_buffer("posterior_mean_coef2",
+                             to_torch((1. - alphas_cumprod_prev) * np.sqrt(alphas) / (1. - alphas_cumprod)))
+        if self.parameterization == "eps":
+            lvlb_weights = self.betas ** 2 / (2 * self.posterior_variance * to_torch(alphas)
+                                              * (1 - self.alphas_cumprod))
+        else:
+            lvlb_weights = 0.5 * np.sqrt(torch.Tensor(alphas_cumprod)) / (2. * 1 - torch.Tensor(alphas_cumprod))
+        lvlb_weights[0] = lvlb_weights[1]  # the first weight is inf/nan: borrow its neighbour's
+        self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
+        assert not torch.isnan(self.lvlb_weights).any()
+
+    @contextmanager
+    def ema_scope(self, context=None):
+        """Temporarily swap in the EMA weights (a no-op without EMA)."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+            if context is not None:
+                print(f"{context}: Switched to EMA weights")
+        try:
+            yield None
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+                if context is not None:
+                    print(f"{context}: Restored training weights")
+
+    def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
+        from ldm.checkpoint import load_state_dict
+        sd = load_state_dict(path)
+        for k in list(sd):
+            if any(k.startswith(ik) for ik in ignore_keys):
+                print(f"Deleting key {k} from state_dict.")
+                del sd[k]
+        target = self.model if only_model else self
+        missing, unexpected = target.load_state_dict(sd, strict=False)
+        print(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
+        if missing:
+            print(f"Missing Keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            print(f"Unexpected Keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+
+    # ------------------------------------------------------------ diffusion math
+    def q_mean_variance(self, x_start, t):
+        mean = extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+        variance = extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
+        log_variance = extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        return mean, variance, log_variance
+
+    def predict_start_from_noise(self, x_t, t, noise):
+        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    def q_posterior(self, x_start, x_t, t):
+        mean = (extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
+                + extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        variance = extract_into_tensor(self.posterior_variance, t, x_t.shape)
+        log_variance = extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start, t, noise=None):
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def p_mean_variance(self, x, t, clip_denoised, cond=None):
+        model_out = self.apply_model(x, t, cond)
+        x_recon = self.predict_start_from_noise(x, t, model_out) if self.parameterization == "eps" else model_out
+        if clip_denoised:
+            x_recon.clamp_(-1., 1.)
+        return self.q_posterior(x_start=x_recon, x_t=x, t=t)
+
+    @torch.no_grad()
+    def p_sample(self, x, t, clip_denoised=True, repeat_noise=False, cond=None):
+        b = x.shape[0]
+        mean, _, log_variance = self.p_mean_variance(x, t, clip_denoised, cond=cond)
+        noise = noise_like(x.shape, x.device, repeat_noise)
+        nonzero_mask = (1 - (t == 0).float()).reshape(b, *((1,) * (len(x.shape) - 1)))  # no noise at t == 0
+        return mean + nonzero_mask * (0.5 * log_variance).exp() * noise
+
+    @torch.no_grad()
+    def p_sample_loop(self, shape, cond=None, return_intermediates=False, verbose=True, x_T=None):
+        img = x_T if x_T is not None else torch.randn(shape, device=self.betas.device)
+        intermediates = [img]
+        for i in tqdm(reversed(range(self.num_timesteps)), desc="Sampling t", total=self.num_timesteps,
+                      disable=not verbose):
+            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
+            img = self.p_sample(img, t, clip_denoised=self.clip_denoised, cond=cond)
+            if i % self.log_every_t == 0 or i == 0:
+                intermediates.append(img)
+        return (img, intermediates) if return_intermediates else img
+
+    @torch.no_grad()
+    def sample(self, batch_size=16, return_intermediates=False):
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        return self.p_sample_loop(shape, return_intermediates=return_intermediates)
+
+    def apply_model(self, x_noisy, t, cond=None):
+        return self.model(x_noisy, t)
+
+    # ------------------------------------------------------------------ training
+    def noise_generator(self):
+        """The generator behind every random draw of a step (timesteps, noise, latent samples).
+
+        Training draws from its own generator, saved in the checkpoint, so that a resumed run draws exactly
+        what an uninterrupted one would; validation draws from one reseeded each epoch, so that it neither
+        disturbs training nor varies between runs.
+        """
+        split = "train" if self.training else "val"
+        g = self._generators.get(split)
+        if g is None or g.device != self.device:
+            g = torch.Generator(device=self.device)
+            state = self._pending_generator_state.pop(split, None)
+            if state is not None and state[0] == self.device.type:
+                g.set_state(state[1])
+            else:
+                g.manual_seed(torch.initial_seed() + 7919 * self.global_rank + (split == "val"))
+            self._generators[split] = g
+        return g
+
+    def randn(self, shape, like):
+        return torch.randn(shape, generator=self.noise_generator(), device=like.device).to(like.dtype)
+
+    def get_loss(self, pred, target, mean=True):
+        if self.loss_type == "l1":
+            loss = (target - pred).abs()
+        elif self.loss_type == "l2":
+            loss = torch.nn.functional.mse_loss(target, pred, reduction="none")
+        else:
+            raise NotImplementedError(f"unknown loss type '{self.loss_type}'")
+        return loss.mean() if mean else loss
+
+    def p_losses(self, x_start, t, cond=None, noise=None):
+        noise = default(noise, lambda: self.randn(x_start.shape, x_start))
+        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
+        model_output = self.apply_model(x_noisy, t, cond)
+        target = noise if self.parameterization == "eps" else x_start
+        prefix = "train" if self.training else "val"
+
+        loss_simple = self.get_loss(model_output, target, mean=False).mean(dim=(1, 2, 3))
+        loss_dict = {f"{prefix}/loss_simple": loss_simple.mean()}
+        logvar_t = self.logvar[t]
+        loss = loss_simple / torch.exp(logvar_t) + logvar_t
+        if self.learn_logvar:
+            loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
+            loss_dict["logvar"] = self.logvar.data.mean()
+        loss = self.l_simple_weight * loss.mean()
+        if self.original_elbo_weight > 0:
+            loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
+            loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
+            loss = loss + self.original_elbo_weight * loss_vlb
+        if self.embedding_reg_weight > 0 and getattr(self, "embedding_manager", None) is not None:
+            loss_embedding_reg = self.embedding_manager.embedding_to_coarse_loss().mean()
+            loss_dict[f"{prefix}/loss_emb_reg"] = loss_embedding_reg
+            loss = loss + self.embedding_reg_weight * loss_embedding_reg
+        loss_dict[f"{prefix}/loss"] = loss
+        return loss, loss_dict
+
+    def sample_timesteps(self, n, device):
+        return torch.randint(0, self.num_timesteps, (n,), generator=self.noise_generator(), device=device)
+
+    def forward(self, x, *args, **kwargs):
+        return self.p_losses(x, self.sample_timesteps(x.shape[0], x.device), *args, **kwargs)
+
+    def get_input(self, batch, k):
+        x = batch[k]
+        if x.ndim == 3:
+            x = x[..., None]
+        # datasets yield HWC images; the networks want CHW
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+    def shared_step(self, batch):
+        return self(self.get_input(batch, self.first_stage_key))
+
+    def training_step(self, batch, batch_idx):
+        loss, loss_dict = self.shared_step(batch)
+        self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=True, on_epoch=False)
+        if self.use_scheduler:
+            self.log("lr_abs", self.optimizers().param_groups[0]["lr"], prog_bar=False, logger=True, on_step=True)
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        _, loss_dict = self.shared_step(batch)
+        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True)
+        if self.use_ema:
+            with self.ema_scope():
+                _, loss_dict_ema = self.shared_step(batch)
+            self.log_dict({k + "_ema": v for k, v in loss_dict_ema.items()}, logger=True, on_epoch=True)
+
+    def on_train_batch_end(self, *args, **kwargs):
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    def trainable_parameters(self):
+        params = list(self.model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        if not self.use_scheduler:
+            return opt
+        scheduler = instantiate_from_config(self.scheduler_config)
+        print("Setting up LambdaLR scheduler...")
+        lr_scheduler = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=scheduler.schedule),
+                        "interval": "step", "frequency": 1}
+        return [opt], [lr_scheduler]
+
+    def on_validation_epoch_start(self):
+        self._generators.pop("val", None)
+
+    def on_save_checkpoint(self, checkpoint):
+        g = self._generators.get("train")
+        if g is not None:
+            checkpoint["noise_generator_state"] = (g.device.type, g.get_state())
+
+    def on_load_checkpoint(self, checkpoint):
+        if "noise_generator_state" in checkpoint:
+            self._generators.pop("train", None)
+            self._pending_generator_state["train"] = checkpoint["noise_generator_state"]
+
+    @torch.no_grad()
+    def log_images(self, batch, N=8, n_row=2, sample=True, return_keys=None, **kwargs):
+        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
+        log = {"inputs": x}
+        if sample:
+            with self.ema_scope("Plotting"):
+                log["samples"] = self.sample(batch_size=x.shape[0])
+        return {k: log[k] for k in return_keys if k in log} if return_keys else log
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion on the latents of a frozen first stage, conditioned by a text encoder."""
+
+    def __init__(self, first_stage_config, cond_stage_config, personalization_config=None, num_timesteps_cond=None,
+                 cond_stage_key="image", cond_stage_trainable=False, concat_mode=True, cond_stage_forward=None,
+                 conditioning_key=None, scale_factor=1.0, scale_by_std=False, embedding_manager_ckpt=None,
+                 cache_first_stage_latents=True, *args, **kwargs):
+        self.num_timesteps_cond = default(num_timesteps_cond, 1)
+        self.scale_by_std = scale_by_std
+        assert self.num_timesteps_cond <= kwargs.get("timesteps", 1000)
+        if conditioning_key is None:  # the original's backwards compatibility
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", [])
+        super().__init__(conditioning_key=conditioning_key, *args, **kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        self.num_downs = len(first_stage_config.params.ddconfig.ch_mult) - 1 if "ddconfig" in first_stage_config.get(
+            "params", {}) else 0
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        self.cond_stage_forward = cond_stage_forward
+        self.clip_denoised = False
+        self.cache_first_stage_latents = cache_first_stage_latents
+        self._latent_cache = {}
+        self._token_cache = {}
+        self.restarted_from_ckpt = False
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = True
+
+        self.embedding_manager = None
+        if personalization_config is not None:
+            if not self.unfreeze_model:
+                freeze(self.cond_stage_model)
+                freeze(self.model)
+            self.embedding_manager = instantiate_from_config(personalization_config, embedder=self.cond_stage_model)
+            if embedding_manager_ckpt:
+                self.embedding_manager.load(embedding_manager_ckpt)
+            for param in self.embedding_manager.embedding_parameters():
+                param.requires_grad = True
+            if self.use_ema and not self.unfreeze_model:
+                # nothing of the diffusion model trains, so an EMA of it would only cost memory
+                self.use_ema = False
+                del self.model_ema
+
+    # ---------------------------------------------------------------- components
+    def instantiate_first_stage(self, config):
+        self.first_stage_model = freeze(instantiate_from_config(config))
+
+    def instantiate_cond_stage(self, config):
+        if config == "__is_first_stage__":
+            print("Using first stage also as cond stage.")
+            self.cond_stage_model = self.first_stage_model
+        elif config == "__is_unconditional__":
+            print(f"Training {self.__class__.__name__} as an unconditional model.")
+            self.cond_stage_model = None
+        else:
+            model = instantiate_from_config(config)
+            self.cond_stage_model = model if self.cond_stage_trainable else freeze(model)
+
+    def get_first_stage_encoding(self, encoder_posterior):
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise NotImplementedError(f"encoder_posterior of type '{type(encoder_posterior)}' not yet implemented")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):
+        z = 1. / self.scale_factor * z
+        if hasattr(self.first_stage_model, "quantize") and not hasattr(self.first_stage_model, "embed_dim"):
+            return self.first_stage_model.decode(z)
+        try:
+            return self.first_stage_model.decode(z, force_not_quantize=force_not_quantize)
+        except TypeError:
+            return self.first_stage_model.decode(z)
+
+    def _tokens(self, texts):
+        """Token ids of each caption, computed once: captions repeat every few steps in textual inversion."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._token_cache]
+        if missing:
+            ids = self.cond_stage_model.tokenize(missing).cpu()
+            self._token_cache.update(zip(missing, ids))
+        return torch.stack([self._token_cache[t] for t in texts]).to(self.device)
+
+    def get_learned_conditioning(self, c):
+        if self.cond_stage_forward is not None:
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        model = self.cond_stage_model
+        if isinstance(c, (list, tuple)) and all(isinstance(t, str) for t in c) and hasattr(model, "encode_tokens"):
+            c = model.encode_tokens(self._tokens(list(c)), embedding_manager=self.embedding_manager)
+        elif hasattr(model, "encode") and callable(model.encode):
+            c = model.encode(c, embedding_manager=self.embedding_manager)
+        else:
+            c = model(c)
+        if isinstance(c, DiagonalGaussianDistribution):
+            c = c.mode()
+        return c
+
+    def _encoded(self, x, keys=None):
+        """First-stage output for each image: a posterior, or a latent tensor for VQ/identity first stages.
+
+        The first stage is frozen, so with `cache_key`s from the dataset each image (and its flip) is encoded
+        once and its posterior moments are reused; a fresh latent is still drawn from them every step.
+        """
+        if keys is None or not self.cache_first_stage_latents:
+            return self.encode_first_stage(x)
+        missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
+        if missing:
+            out = self.encode_first_stage(x[missing])
+            gaussian = isinstance(out, DiagonalGaussianDistribution)
+            for i, m in zip(missing, out.parameters if gaussian else out):
+                self._latent_cache[keys[i]] = (m, gaussian)
+        entries = [self._latent_cache[k] for k in keys]
+        stacked = torch.stack([m for m, _ in entries])
+        return DiagonalGaussianDistribution(stacked) if entries[0][1] else stacked
+
+    def encode_to_latent(self, x, keys=None):
+        encoded = self._encoded(x, keys)
+        if isinstance(encoded, DiagonalGaussianDistribution):
+            return self.scale_factor * encoded.sample(generator=self.noise_generator())
+        return self.get_first_stage_encoding(encoded)
+
+    @torch.no_grad()
+    def get_input(self, batch, k, return_first_stage_outputs=False, force_c_encode=False, cond_key=None,
+                  return_original_cond=False, bs=None):
+        x = super().get_input(batch, k)
+        if bs is not None:
+            x = x[:bs]
+        x = x.to(self.device)
+        keys = batch.get("cache_key") if isinstance(batch, dict) else None
+        if keys is not None and bs is not None:
+            keys = keys[:bs]
+        z = self.encode_to_latent(x, keys).detach()
+
+        c = xc = None
+        if self.model.conditioning_key is not None:
+            cond_key = cond_key or self.cond_stage_key
+            xc = batch[cond_key] if cond_key in ("caption", "class_label") else super().get_input(batch, cond_key)
+            if cond_key != self.first_stage_key and not isinstance(xc, (list, tuple, dict)):
+                xc = xc.to(self.device)
+            if cond_key == self.first_stage_key:
+                xc = x
+            c = xc
+            if not self.cond_stage_trainable or force_c_encode:
+                c = self.get_learned_conditioning(xc if isinstance(xc, (dict, list)) else xc.to(self.device))
+            if bs is not None:
+                c = c[:bs]
+        out = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def shared_step(self, batch, **kwargs):
+        x, c = self.get_input(batch, self.first_stage_key)
+        return self(x, c)
+
+    def forward(self, x, c, *args, **kwargs):
+        t = self.sample_timesteps(x.shape[0], x.device)
+        if self.model.conditioning_key is not None and self.cond_stage_trainable:
+            c = self.get_learned_conditioning(c)
+        return self.p_losses(x, t, c, *args, **kwargs)
+
+    def apply_model(self, x_noisy, t, cond, return_ids=False):
+        if not isinstance(cond, dict):
+            if not isinstance(cond, list):
+                cond = [cond]
+            cond = {__conditioning_keys__.get(self.model.conditioning_key, "c_crossattn"): cond}
+        x_recon = self.model(x_noisy, t, **cond)
+        return x_recon[0] if isinstance(x_recon, tuple) and not return_ids else x_recon
+
+    def p_losses(self, x_start, t, cond=None, noise=None):
+        return super().p_losses(x_start, t, cond=cond, noise=noise)
+
+    # --------------------------------------------------------------- lightning
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.embedding_manager is not None:
+            # progressive words count optimizer steps (the original counted forward calls)
+            self.embedding_manager.progressive_step = self.global_step
+        if self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0 \
+                and not self.restarted_from_ckpt:
+            assert self.scale_factor == 1., "rather not use custom rescaling and std-rescaling simultaneously"
+            x = super().get_input(batch, self.first_stage_key).to(self.device)
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+            del self.scale_factor
+            self.register_buffer("scale_factor", 1. / z.flatten().std())
+            self._latent_cache.clear()
+            print(f"setting self.scale_factor to {self.scale_factor}")
+
+    def trainable_parameters(self):
+        if self.embedding_manager is None:
+            params = list(self.model.parameters())
+            if self.cond_stage_trainable:
+                print(f"{self.__class__.__name__}: Also optimizing conditioner params!")
+                params += list(self.cond_stage_model.parameters())
+            if self.learn_logvar:
+                params.append(self.logvar)
+            return params
+        embedding_params = list(self.embedding_manager.embedding_parameters())
+        if not self.unfreeze_model:
+            return embedding_params
+        model_params = list(self.cond_stage_model.parameters()) + list(self.model.parameters())
+        return [{"params": embedding_params, "lr": self.learning_rate}, {"params": model_params, "lr": self.model_lr}]
+
+    def _frozen_keys(self):
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        prefixes = ("model.", "cond_stage_model.", "first_stage_model.")
+        return [k for k in self.state_dict() if k.startswith(prefixes) and k not in trainable]
+
+    @property
+    def prunes_checkpoints(self):
+        return self.embedding_manager is not None and not self.unfreeze_model
+
+    def on_save_checkpoint(self, checkpoint):
+        """Keep the trainable state (manager, optimizer, RNG) and write the embedding files beside the checkpoint.
+
+        The original cleared the whole checkpoint here, so `-r` lost the optimizer state; we only drop the
+        frozen weights, which the run's config reloads from its base checkpoint.
+        """
+        super().on_save_checkpoint(checkpoint)
+        if self.prunes_checkpoints:
+            for k in self._frozen_keys():
+                checkpoint["state_dict"].pop(k, None)
+        if self.embedding_manager is None or self._trainer is None or not self.trainer.is_global_zero:
+            return
+        ckpt_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        if ckpt_dir:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            self.embedding_manager.save(os.path.join(ckpt_dir, "embeddings.pt"), step=self.global_step)
+            self.embedding_manager.save(os.path.join(ckpt_dir, f"embeddings_gs-{self.global_step}.pt"),
+                                        step=self.global_step)
+
+    def load_state_dict(self, state_dict, strict=True, **kwargs):
+        if self.prunes_checkpoints:
+            strict = False  # a textual-inversion checkpoint holds only the manager; frozen weights come from the base
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample_log(self, cond, batch_size, ddim=True, ddim_steps=50, **kwargs):
+        from ldm.models.diffusion.ddim import DDIMSampler
+        shape = (self.channels, self.image_size, self.image_size)
+        if ddim:
+            return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
+        return self.p_sample_loop((batch_size, *shape), cond=cond, return_intermediates=True, verbose=False)
+
+    def placeholder_prompt(self):
+        strings = list(getattr(self.embedding_manager, "string_to_param_dict", {}).keys())
+        return f"a photo of {strings[0]}" if strings else None
+
+    @torch.no_grad()
+    def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=50, ddim_eta=1., return_keys=None,
+                   unconditional_guidance_scale=5.0, **kwargs):
+        """Inputs, reconstructions, the captions as images, and samples: the batch's captions with and without
+        guidance, and the bare placeholder prompt ("a photo of *") with guidance."""
+        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
+                                           force_c_encode=True, return_original_cond=True, bs=N)
+        N = x.shape[0]
+        log = {"inputs": x, "reconstruction": xrec}
+        if self.model.conditioning_key is not None and self.cond_stage_key in ("caption",):
+            log["conditioning"] = log_txt_as_img((x.shape[-1], x.shape[-2]), list(batch["caption"])[:N],
+                                                 size=max(6, x.shape[-1] // 20)).to(x)
+        if sample:
+            with self.ema_scope("Plotting"):
+                samples, _ = self.sample_log(cond=c, batch_size=N, ddim_steps=ddim_steps, eta=ddim_eta)
+                log["samples"] = self.decode_first_stage(samples)
+                if unconditional_guidance_scale != 1. and self.model.conditioning_key is not None:
+                    uc = self.get_learned_conditioning(N * [""])
+                    guided = dict(unconditional_guidance_scale=unconditional_guidance_scale,
+                                  unconditional_conditioning=uc, eta=ddim_eta)
+                    samples, _ = self.sample_log(cond=c, batch_size=N, ddim_steps=ddim_steps, **guided)
+                    log["samples_scaled"] = self.decode_first_stage(samples)
+                    prompt = self.placeholder_prompt()
+                    if prompt is not None:
+                        pc = self.get_learned_conditioning(N * [prompt])
+                        samples, _ = self.sample_log(cond=pc, batch_size=N, ddim_steps=ddim_steps, **guided)
+                        log["samples_placeholder"] = self.decode_first_stage(samples)
+        return {k: log[k] for k in return_keys if k in log} if return_keys else log
+
+
+class DiffusionWrapper(pl.LightningModule):
+    """Holds the UNet under the official key `model.diffusion_model` and routes the conditioning to it."""
+
+    def __init__(self, diff_model_config, conditioning_key):
+        super().__init__()
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm"):
+            raise ValueError(f"unknown conditioning_key {conditioning_key!r}")
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_concat=None, c_crossattn=None, y=None):
+        if self.conditioning_key is None:
+            return self.diffusion_model(x, t)
+        if self.conditioning_key == "concat":
+            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t)
+        if self.conditioning_key == "crossattn":
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+        if self.conditioning_key == "hybrid":
+            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t, context=torch.cat(c_crossattn, 1))
+        return self.diffusion_model(x, t, y=c_crossattn[0] if y is None else y)  # adm
