@@ -1,0 +1,178 @@
+"""What the DDIM and PLMS samplers share: the sub-sampled schedule, the guided model call and the DDIM update.
+
+Both samplers walk the same sub-sequence of the model's timesteps and differ only in which noise
+estimate they feed the DDIM update (Song et al. 2020, eq. 12): DDIM the current one, PLMS a
+linear multistep combination of the last few (Liu et al. 2022).
+"""
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ldm.modules.diffusionmodules.util import (extract_into_tensor, make_ddim_sampling_parameters,
+                                               make_ddim_timesteps, noise_like)
+
+
+def cat_conditioning(uncond, cond):
+    """Stack unconditional and conditional inputs along the batch, for tensors, lists and dicts of them."""
+    if isinstance(cond, dict):
+        return {k: cat_conditioning(uncond[k], cond[k]) for k in cond}
+    if isinstance(cond, (list, tuple)):
+        return [cat_conditioning(u, c) for u, c in zip(uncond, cond)]
+    return torch.cat([uncond, cond])
+
+
+def conditioning_batch_size(cond):
+    if isinstance(cond, dict):
+        cond = next(iter(cond.values()))
+    if isinstance(cond, (list, tuple)):
+        cond = cond[0]
+    return cond.shape[0] if isinstance(cond, torch.Tensor) else len(cond)
+
+
+def model_dtype(model):
+    """The dtype the model computes in: that of its first floating-point parameter (float32 if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class DDIMScheduleSampler:
+    """Base of DDIMSampler and PLMSSampler. Schedule tensors live on the model's device in float32.
+
+    The original moved every schedule tensor to torch.device("cuda"), so nothing sampled on CPU or
+    MPS; here they follow the model (`model.betas.device`).
+    """
+
+    desc = "Sampler"
+
+    def __init__(self, model, schedule="linear", **kwargs):
+        self.model = model
+        self.ddpm_num_timesteps = model.num_timesteps
+        self.schedule = schedule
+        self.generator = None
+
+    @property
+    def device(self):
+        return self.model.betas.device
+
+    def register_buffer(self, name, attr):
+        if isinstance(attr, (torch.Tensor, np.ndarray)):
+            attr = torch.as_tensor(attr).to(device=self.device, dtype=torch.float32)
+        setattr(self, name, attr)
+
+    def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
+        self.ddim_timesteps = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps,
+                                                  verbose=verbose)
+        self.ddim_eta = ddim_eta
+        # Derive in float64 on the CPU (MPS has no float64), then store float32 on the model's device.
+        alphas_cumprod = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
+        if alphas_cumprod.shape[0] != self.ddpm_num_timesteps:
+            raise ValueError("alphas_cumprod must have one entry per DDPM timestep")
+        alphas_cumprod_prev = self.model.alphas_cumprod_prev.detach().to("cpu", torch.float64)
+        self.register_buffer("betas", self.model.betas.detach().to("cpu", torch.float64))
+        self.register_buffer("alphas_cumprod", alphas_cumprod)
+        self.register_buffer("alphas_cumprod_prev", alphas_cumprod_prev)
+        self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt())
+        self.register_buffer("sqrt_one_minus_alphas_cumprod", (1. - alphas_cumprod).sqrt())
+        self.register_buffer("log_one_minus_alphas_cumprod", (1. - alphas_cumprod).log())
+        self.register_buffer("sqrt_recip_alphas_cumprod", (1. / alphas_cumprod).sqrt())
+        self.register_buffer("sqrt_recipm1_alphas_cumprod", (1. / alphas_cumprod - 1).sqrt())
+
+        sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(
+            alphacums=alphas_cumprod.numpy(), ddim_timesteps=self.ddim_timesteps, eta=ddim_eta, verbose=verbose)
+        self.register_buffer("ddim_sigmas", sigmas)
+        self.register_buffer("ddim_alphas", alphas)
+        self.register_buffer("ddim_alphas_prev", alphas_prev)
+        self.register_buffer("ddim_sqrt_one_minus_alphas", np.sqrt(1. - alphas))
+        self.register_buffer("ddim_sigmas_for_original_num_steps", ddim_eta * torch.sqrt(
+            (1 - alphas_cumprod_prev) / (1 - alphas_cumprod) * (1 - alphas_cumprod / alphas_cumprod_prev)))
+
+    def randn(self, shape, repeat=False):
+        """Gaussian noise on the model's device, drawn from `self.generator` when one is set.
+
+        A CPU generator gives the same noise whatever device samples, so seeds carry across machines.
+        """
+        device = self.generator.device if self.generator is not None else self.device
+        return noise_like(shape, device, repeat, generator=self.generator).to(self.device)
+
+    def model_eps(self, x, t, c, unconditional_guidance_scale=1., unconditional_conditioning=None,
+                  score_corrector=None, corrector_kwargs=None):
+        """The model's (guided) noise estimate at (x, t); x0-parameterised outputs are converted to eps."""
+        if unconditional_conditioning is None or unconditional_guidance_scale == 1.:
+            out = self.model.apply_model(x, t, c)
+        else:
+            # One batched call for both branches, as the original: half the kernel launches of two calls.
+            out_uncond, out_cond = self.model.apply_model(
+                torch.cat([x] * 2), torch.cat([t] * 2), cat_conditioning(unconditional_conditioning, c)).chunk(2)
+            out = out_uncond + unconditional_guidance_scale * (out_cond - out_uncond)
+        if self.model.parameterization == "x0":
+            a_t = extract_into_tensor(self.alphas_cumprod, t, x.shape)
+            out = (x.float() - a_t.sqrt() * out.float()) / (1. - a_t).sqrt()
+        if score_corrector is not None:
+            out = score_corrector.modify_score(self.model, out, x, t, c, **(corrector_kwargs or {}))
+        return out
+
+    def ddim_step(self, x, e_t, index, use_original_steps=False, quantize_denoised=False, temperature=1.,
+                  noise_dropout=0., repeat_noise=False):
+        """One DDIM update from step `index` to the previous one; returns (x_prev, pred_x0) in x's dtype."""
+        if use_original_steps:
+            alphas, alphas_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+            sqrt_one_minus_alphas, sigmas = self.sqrt_one_minus_alphas_cumprod, self.ddim_sigmas_for_original_num_steps
+        else:
+            alphas, alphas_prev = self.ddim_alphas, self.ddim_alphas_prev
+            sqrt_one_minus_alphas, sigmas = self.ddim_sqrt_one_minus_alphas, self.ddim_sigmas
+        a_t, a_prev, sigma_t = alphas[index], alphas_prev[index], sigmas[index]
+        # The update runs in float32 even when the model runs in half precision.
+        x32, e_t = x.float(), e_t.float()
+        pred_x0 = (x32 - sqrt_one_minus_alphas[index] * e_t) / a_t.sqrt()
+        if quantize_denoised:
+            pred_x0, _, *_ = self.model.first_stage_model.quantize(pred_x0)
+        dir_xt = (1. - a_prev - sigma_t ** 2).sqrt() * e_t
+        # Drawn even when sigma_t is 0, so a seed consumes the random stream as the original does.
+        noise = sigma_t * self.randn(x.shape, repeat_noise) * temperature
+        if noise_dropout > 0.:
+            noise = torch.nn.functional.dropout(noise, p=noise_dropout)
+        x_prev = a_prev.sqrt() * pred_x0 + dir_xt + noise
+        return x_prev.to(x.dtype), pred_x0.to(x.dtype)
+
+    def start(self, S, batch_size, shape, conditioning, eta, verbose, x_T, generator):
+        """Common preamble of `sample`: check the batch, build the schedule, draw x_T."""
+        if conditioning is not None and conditioning_batch_size(conditioning) != batch_size:
+            print(f"Warning: Got {conditioning_batch_size(conditioning)} conditionings but batch-size is {batch_size}")
+        self.generator = generator
+        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
+        size = (batch_size, *shape)
+        if verbose:
+            print(f"Data shape for {self.desc} sampling is {size}, eta {eta}")
+        if x_T is None:
+            return self.randn(size).to(model_dtype(self.model))
+        return x_T.to(self.device)
+
+    def sampling_loop(self, step, x, timesteps, mask=None, x0=None, callback=None, img_callback=None,
+                      log_every_t=100, verbose=True, desc=None):
+        """Walk `timesteps` from last to first; `step(x, t, t_next, index)` returns (x_prev, pred_x0).
+
+        With `mask` and `x0`, the region where mask == 1 is kept on x0's forward-noised trajectory
+        (inpainting / outpainting).
+        """
+        time_range = np.flip(timesteps)
+        total = len(time_range)
+        intermediates = {"x_inter": [x], "pred_x0": [x]}
+        full = lambda step_t: torch.full((x.shape[0],), int(step_t), device=self.device, dtype=torch.long)
+        for i, step_t in enumerate(tqdm(time_range, desc=desc or self.desc, total=total, disable=not verbose)):
+            index = total - i - 1
+            t, t_next = full(step_t), full(time_range[min(i + 1, total - 1)])
+            if mask is not None:
+                if x0 is None:
+                    raise ValueError("A mask needs the known image x0.")
+                x = self.model.q_sample(x0, t, noise=self.randn(x0.shape)) * mask + (1. - mask) * x
+            x, pred_x0 = step(x, t, t_next, index)
+            if callback:
+                callback(i)
+            if img_callback:
+                img_callback(pred_x0, i)
+            if index % log_every_t == 0 or index == total - 1:
+                intermediates["x_inter"].append(x)
+                intermediates["pred_x0"].append(pred_x0)
+        return x, intermediates
