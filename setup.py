@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="textual-inversion",
+    version="0.2.0",
+    description="Textual Inversion (Gal et al. 2022) on CompVis latent diffusion, on today's PyTorch stack",
+    packages=find_packages(include=["ldm", "ldm.*", "evaluation", "evaluation.*"]),
+    py_modules=["main", "merge_embeddings"],
+    python_requires=">=3.9",
+    # torch is deliberately unpinned and never pulled with torchvision: install the build you need first
+    # (`pip install torch==2.13.0` for the CPU build the Makefile uses).
+    install_requires=[
+        "torch>=2.1",
+        "pytorch-lightning>=2.2",
+        "transformers>=4.30",
+        "omegaconf>=2.3",
+        "safetensors>=0.4",
+        "ftfy>=6.1",
+        "regex",
+        "einops>=0.6",
+        "tqdm",
+        "pillow>=9.1",
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
