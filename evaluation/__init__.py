@@ -1,0 +1,1 @@
+"""Metrics for textual inversion: the paper's CLIP similarities and the toy shapes evaluator."""

@@ -1,0 +1,238 @@
+"""The training set of textual inversion: a folder of 3-5 images of one concept, each paired with a
+random caption that names the concept through the placeholder word."""
+import os
+import random
+import warnings
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ldm.data.image_ops import center_crop, hflip, load_rgb, resample_filter, resize, to_model_range
+
+imagenet_templates_smallest = [
+    'a photo of a {}',
+]
+
+imagenet_templates_small = [
+    'a photo of a {}',
+    'a rendering of a {}',
+    'a cropped photo of the {}',
+    'the photo of a {}',
+    'a photo of a clean {}',
+    'a photo of a dirty {}',
+    'a dark photo of the {}',
+    'a photo of my {}',
+    'a photo of the cool {}',
+    'a close-up photo of a {}',
+    'a bright photo of the {}',
+    'a cropped photo of a {}',
+    'a photo of the {}',
+    'a good photo of the {}',
+    'a photo of one {}',
+    'a close-up photo of the {}',
+    'a rendition of the {}',
+    'a photo of the clean {}',
+    'a rendition of a {}',
+    'a photo of a nice {}',
+    'a good photo of a {}',
+    'a photo of the nice {}',
+    'a photo of the small {}',
+    'a photo of the weird {}',
+    'a photo of the large {}',
+    'a photo of a cool {}',
+    'a photo of a small {}',
+    'an illustration of a {}',
+    'a rendering of a {}',
+    'a cropped photo of the {}',
+    'the photo of a {}',
+    'an illustration of a clean {}',
+    'an illustration of a dirty {}',
+    'a dark photo of the {}',
+    'an illustration of my {}',
+    'an illustration of the cool {}',
+    'a close-up photo of a {}',
+    'a bright photo of the {}',
+    'a cropped photo of a {}',
+    'an illustration of the {}',
+    'a good photo of the {}',
+    'an illustration of one {}',
+    'a close-up photo of the {}',
+    'a rendition of the {}',
+    'an illustration of the clean {}',
+    'a rendition of a {}',
+    'an illustration of a nice {}',
+    'a good photo of a {}',
+    'an illustration of the nice {}',
+    'an illustration of the small {}',
+    'an illustration of the weird {}',
+    'an illustration of the large {}',
+    'an illustration of a cool {}',
+    'an illustration of a small {}',
+    'a depiction of a {}',
+    'a rendering of a {}',
+    'a cropped photo of the {}',
+    'the photo of a {}',
+    'a depiction of a clean {}',
+    'a depiction of a dirty {}',
+    'a dark photo of the {}',
+    'a depiction of my {}',
+    'a depiction of the cool {}',
+    'a close-up photo of a {}',
+    'a bright photo of the {}',
+    'a cropped photo of a {}',
+    'a depiction of the {}',
+    'a good photo of the {}',
+    'a depiction of one {}',
+    'a close-up photo of the {}',
+    'a rendition of the {}',
+    'a depiction of the clean {}',
+    'a rendition of a {}',
+    'a depiction of a nice {}',
+    'a good photo of a {}',
+    'a depiction of the nice {}',
+    'a depiction of the small {}',
+    'a depiction of the weird {}',
+    'a depiction of the large {}',
+    'a depiction of a cool {}',
+    'a depiction of a small {}',
+]
+
+imagenet_dual_templates_small = [
+    'a photo of a {} with {}',
+    'a rendering of a {} with {}',
+    'a cropped photo of the {} with {}',
+    'the photo of a {} with {}',
+    'a photo of a clean {} with {}',
+    'a photo of a dirty {} with {}',
+    'a dark photo of the {} with {}',
+    'a photo of my {} with {}',
+    'a photo of the cool {} with {}',
+    'a close-up photo of a {} with {}',
+    'a bright photo of the {} with {}',
+    'a cropped photo of a {} with {}',
+    'a photo of the {} with {}',
+    'a good photo of the {} with {}',
+    'a photo of one {} with {}',
+    'a close-up photo of the {} with {}',
+    'a rendition of the {} with {}',
+    'a photo of the clean {} with {}',
+    'a rendition of a {} with {}',
+    'a photo of a nice {} with {}',
+    'a good photo of a {} with {}',
+    'a photo of the nice {} with {}',
+    'a photo of the small {} with {}',
+    'a photo of the weird {} with {}',
+    'a photo of the large {} with {}',
+    'a photo of a cool {} with {}',
+    'a photo of a small {} with {}',
+]
+
+# Extra words that give each training image its own token when per_image_tokens is on.
+per_img_token_list = [
+    'א', 'ב', 'ג', 'ד', 'ה', 'ו', 'ז', 'ח', 'ט', 'י', 'כ', 'ל', 'מ', 'נ', 'ס', 'ע', 'פ', 'צ', 'ק', 'ר', 'ש', 'ת',
+]
+
+
+def list_images(data_root):
+    """Sorted paths of the readable images in `data_root`.
+
+    Hidden files are ignored; anything else PIL cannot open is skipped with one warning naming it.
+    A missing folder or one without images is an error naming the folder.
+    """
+    if not os.path.isdir(data_root):
+        raise FileNotFoundError(f"Training image folder {data_root!r} does not exist (check --data_root)")
+    images, skipped = [], []
+    for name in sorted(os.listdir(data_root)):
+        if name.startswith("."):
+            continue
+        path = os.path.join(data_root, name)
+        try:
+            with Image.open(path):
+                images.append(path)
+        except OSError:  # not an image (UnidentifiedImageError), a folder, unreadable
+            skipped.append(name)
+    if skipped:
+        warnings.warn(f"Skipping {len(skipped)} non-image entries in {data_root!r}: {', '.join(skipped)}")
+    if not images:
+        raise ValueError(f"No images found in training image folder {data_root!r}")
+    return images
+
+
+class PersonalizedBase(Dataset):
+    """Images of one concept with captions such as "a photo of a {placeholder}".
+
+    Returns {"image": HWC float32 in [-1, 1], "caption": str, "cache_key": str}. The image is a
+    deterministic function of `cache_key` (path and flip), so a model may cache its latent.
+    """
+
+    templates = imagenet_templates_small
+    dual_templates = imagenet_dual_templates_small
+
+    def __init__(self,
+                 data_root,
+                 size=None,
+                 repeats=100,
+                 interpolation="bicubic",
+                 flip_p=0.5,
+                 set="train",
+                 placeholder_token="*",
+                 per_image_tokens=False,
+                 center_crop=False,
+                 mixing_prob=0.25,
+                 coarse_class_text=None,
+                 ):
+        self.data_root = data_root
+        self.image_paths = list_images(data_root)
+        self.num_images = len(self.image_paths)
+        self._length = self.num_images * repeats if set == "train" else self.num_images
+
+        self.size = size
+        self.interpolation = interpolation
+        resample_filter(interpolation)  # reject an unknown name now rather than at the first batch
+        self.flip_p = flip_p
+        self.placeholder_token = placeholder_token
+        self.per_image_tokens = per_image_tokens
+        self.center_crop = center_crop
+        self.mixing_prob = mixing_prob
+        self.coarse_class_text = coarse_class_text
+
+        if per_image_tokens and self.num_images > len(per_img_token_list):
+            raise ValueError(f"per_image_tokens supports at most {len(per_img_token_list)} images, "
+                             f"{data_root!r} has {self.num_images}; add tokens to per_img_token_list")
+        # Decoded, cropped and resized images by index: a concept folder holds a handful of images.
+        self._prepared = {}
+
+    def __len__(self):
+        return self._length
+
+    def caption(self, image_index):
+        placeholder = self.placeholder_token
+        if self.coarse_class_text:
+            placeholder = f"{self.coarse_class_text} {placeholder}"
+        if self.per_image_tokens and random.random() < self.mixing_prob:
+            return random.choice(self.dual_templates).format(placeholder, per_img_token_list[image_index])
+        return random.choice(self.templates).format(placeholder)
+
+    def prepared_image(self, image_index):
+        """The image before the random flip: RGB, optionally centre-cropped, resized."""
+        if image_index not in self._prepared:
+            image = load_rgb(self.image_paths[image_index])
+            if self.center_crop:
+                image = center_crop(image)
+            if self.size is not None:
+                image = resize(image, self.size, self.interpolation)
+            self._prepared[image_index] = image
+        return self._prepared[image_index]
+
+    def __getitem__(self, i):
+        image_index = i % self.num_images
+        image = self.prepared_image(image_index)
+        flipped = random.random() < self.flip_p
+        if flipped:
+            image = hflip(image)
+        path = self.image_paths[image_index]
+        return {
+            "image": to_model_range(image),
+            "caption": self.caption(image_index),
+            "cache_key": f"{path}|{int(flipped)}",
+        }
