@@ -1,0 +1,227 @@
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from ldm.checkpoint import CheckpointSecurityError
+from ldm.modules.embedding_io import FORMATS, EmbeddingFile, load_embedding_file, save_embedding_file
+
+D = 8
+
+
+def _vec(n, seed=0):
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _raw(path):
+    """What a third-party reader gets from the file: safetensors or a weights_only torch.load, nothing else."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        return safetensors.torch.load_file(path)
+    return torch.load(path, weights_only=True)
+
+
+def a1111_reads(data):
+    """The rules of AUTOMATIC1111's create_embedding_from_data (modules/textual_inversion/textual_inversion.py)."""
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        assert len(params) == 1, "embedding file has multiple terms in it"
+        vec = next(iter(params.values())).detach().to(torch.float32)
+    elif "clip_g" in data and "clip_l" in data:
+        raise AssertionError("SDXL embedding")
+    else:
+        assert type(data) is dict and type(next(iter(data.values()))) is torch.Tensor
+        assert len(data) == 1, "embedding file has multiple terms in it"
+        vec = next(iter(data.values()))
+        vec = vec.unsqueeze(0) if vec.ndim == 1 else vec
+    return vec, data.get("step")
+
+
+def diffusers_reads(state_dict):
+    """The rules of diffusers' TextualInversionLoaderMixin._retrieve_tokens_and_embeddings and
+    _extend_tokens_and_embeddings (src/diffusers/loaders/textual_inversion.py)."""
+    if isinstance(state_dict, torch.Tensor):
+        raise ValueError("a bare tensor needs token=")
+    if len(state_dict) == 1:
+        token, embedding = next(iter(state_dict.items()))
+    elif "string_to_param" in state_dict:
+        token, embedding = state_dict["name"], state_dict["string_to_param"]["*"]
+    else:
+        raise ValueError("state dict must have a single key or string_to_param")
+    rows = list(embedding) if embedding.ndim > 1 else [embedding]
+    return token, torch.stack(rows)
+
+
+ROUND_TRIPS = [
+    ("official", "emb.pt", {"*": _vec(1), "@": _vec(3, 1)}, {"*": 265, "@": 287}, "shapes", 1500),
+    ("a1111", "magenta.pt", {"magenta-tri": _vec(2)}, None, "magenta-tri", 300),
+    ("a1111-safetensors", "magenta.safetensors", {"magenta-tri": _vec(2)}, None, "magenta-tri", 300),
+    ("diffusers", "learned_embeds.safetensors", {"<tri>": _vec(1)}, None, None, None),
+    ("diffusers", "learned_embeds.bin", {"<tri>": _vec(4)}, None, None, None),
+    ("kohya", "tri.safetensors", {"tri": _vec(3)}, None, "tri", 120),
+    ("kohya", "tri.pt", {"tri": _vec(3)}, None, "tri", None),  # kohya .pt: named by its file stem
+]
+
+
+@pytest.mark.parametrize("fmt,filename,vectors,tokens,name,step", ROUND_TRIPS)
+def test_round_trip_every_format(tmp_path, fmt, filename, vectors, tokens, name, step):
+    path = tmp_path / "nested" / filename
+    save_embedding_file(path, vectors, tokens=tokens, name=name, step=step, fmt=fmt)
+    loaded = load_embedding_file(path)
+    assert isinstance(loaded, EmbeddingFile)
+    assert loaded.format == fmt
+    assert list(loaded.vectors) == list(vectors)
+    for key, vec in vectors.items():
+        assert loaded.vectors[key].dtype == torch.float32
+        assert torch.equal(loaded.vectors[key], vec)
+    assert loaded.tokens == (tokens or {k: None for k in vectors})
+    assert loaded.name == name and loaded.step == step
+    assert [p.name for p in path.parent.iterdir()] == [filename]  # no temp file left behind
+    _raw(path)  # plain tensors: weights_only / safetensors readers accept it
+
+
+def test_official_file_layout_is_plain(tmp_path):
+    path = tmp_path / "embeddings_gs-99.pt"
+    save_embedding_file(path, {"*": _vec(2)}, tokens={"*": torch.tensor(265)}, name="tri", step=99)
+    data = torch.load(path, weights_only=True)
+    assert set(data) == {"string_to_token", "string_to_param", "name", "step"}
+    assert type(data["string_to_param"]) is dict and data["string_to_token"]["*"].item() == 265
+    assert data["string_to_token"]["*"].ndim == 0  # the original compared ids as 0-d tensors
+
+
+def test_saved_vectors_do_not_drag_their_storage(tmp_path):
+    table = torch.randn(1000, D)
+    path = tmp_path / "one.pt"
+    save_embedding_file(path, {"*": table[5]}, tokens={"*": 265})
+    assert os.path.getsize(path) < 4 * table.numel() / 4
+    assert torch.equal(load_embedding_file(path).vectors["*"], table[5:6])
+
+
+@pytest.mark.parametrize("with_parameter_tokens", [False, True])
+def test_file_written_by_the_original_code_loads(tmp_path, with_parameter_tokens):
+    # The original EmbeddingManager.save: torch.save of its token dict and its nn.ParameterDict.
+    params = nn.ParameterDict()
+    params["*"] = nn.Parameter(_vec(2), requires_grad=True)
+    params["&"] = nn.Parameter(_vec(1, 3), requires_grad=True)
+    token = nn.Parameter(torch.tensor(265.0), requires_grad=False) if with_parameter_tokens else torch.tensor(265)
+    path = tmp_path / "embeddings.pt"
+    torch.save({"string_to_token": {"*": token, "&": torch.tensor(261)}, "string_to_param": params}, path)
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)  # why the allow-listed stand-in is needed
+
+    loaded = load_embedding_file(path)
+    assert loaded.format == "official"
+    assert list(loaded.vectors) == ["*", "&"]
+    assert torch.equal(loaded.vectors["*"], params["*"].detach())
+    assert torch.equal(loaded.vectors["&"], params["&"].detach())
+    assert not loaded.vectors["*"].requires_grad
+    assert loaded.tokens == {"*": 265, "&": 261}
+    assert loaded.name is None and loaded.step is None
+
+
+def test_file_with_bare_parameters_loads(tmp_path):
+    path = tmp_path / "params.pt"
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": nn.Parameter(_vec(1))}}, path)
+    loaded = load_embedding_file(path)
+    assert torch.equal(loaded.vectors["*"], _vec(1)) and loaded.tokens == {"*": 265}
+
+
+def test_automatic1111_file_as_the_webui_writes_it(tmp_path):
+    path = tmp_path / "my-style.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": _vec(5).half()}, "name": "my-style",
+                "step": 2500, "sd_checkpoint": "7460a6fa", "sd_checkpoint_name": "sd-v1-4"}, path)
+    loaded = load_embedding_file(path)
+    assert (loaded.format, loaded.name, loaded.step) == ("a1111", "my-style", 2500)
+    assert torch.equal(loaded.vectors["my-style"], _vec(5).half().float())
+
+    nameless = tmp_path / "fallback-stem.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": _vec(1)}, "name": None, "step": None,
+                "sd_checkpoint": None, "sd_checkpoint_name": None}, nameless)
+    assert list(load_embedding_file(nameless).vectors) == ["fallback-stem"]
+
+
+def test_diffusers_one_dimensional_vector_becomes_a_row(tmp_path):
+    path = tmp_path / "learned_embeds.bin"
+    torch.save({"<cat-toy>": _vec(1)[0]}, path)
+    loaded = load_embedding_file(path)
+    assert loaded.format == "diffusers" and loaded.vectors["<cat-toy>"].shape == (1, D)
+
+
+def test_kohya_emb_params_named_by_file_stem(tmp_path):
+    path = tmp_path / "kohya_concept.safetensors"
+    safetensors.torch.save_file({"emb_params": _vec(4)}, str(path))
+    loaded = load_embedding_file(path)
+    assert (loaded.format, loaded.name, list(loaded.vectors)) == ("kohya", "kohya_concept", ["kohya_concept"])
+
+
+@pytest.mark.parametrize("fmt,filename", [("a1111", "x.pt"), ("a1111-safetensors", "x.safetensors"),
+                                          ("kohya", "x.safetensors"), ("kohya", "x.pt")])
+def test_a1111_accepts_what_we_export(tmp_path, fmt, filename):
+    vec = _vec(3)
+    path = tmp_path / filename
+    save_embedding_file(path, {"concept": vec}, name="concept", step=7, fmt=fmt)
+    got, step = a1111_reads(_raw(path))
+    assert torch.equal(got, vec)
+    assert step == (7 if fmt == "a1111" else None)
+
+
+@pytest.mark.parametrize("filename", ["learned_embeds.safetensors", "learned_embeds.bin"])
+def test_diffusers_accepts_what_we_export(tmp_path, filename):
+    vec = _vec(2)
+    path = tmp_path / filename
+    save_embedding_file(path, {"<tri>": vec}, fmt="diffusers")
+    token, rows = diffusers_reads(_raw(path))
+    assert token == "<tri>" and torch.equal(rows, vec)
+    # diffusers also reads our A1111 export, via its string_to_param rule.
+    a1111 = tmp_path / "tri.pt"
+    save_embedding_file(a1111, {"<tri>": vec}, name="<tri>", fmt="a1111")
+    token, rows = diffusers_reads(_raw(a1111))
+    assert token == "<tri>" and torch.equal(rows, vec)
+
+
+@pytest.mark.parametrize("fmt", ["a1111", "a1111-safetensors", "kohya", "diffusers"])
+def test_one_term_formats_refuse_several_concepts(tmp_path, fmt):
+    suffix = ".safetensors" if fmt == "a1111-safetensors" else ".pt"
+    path = tmp_path / f"two{suffix}"
+    with pytest.raises(ValueError, match="one concept per file"):
+        save_embedding_file(path, {"a": _vec(1), "b": _vec(1)}, fmt=fmt)
+    assert not path.exists()
+
+
+def test_save_errors(tmp_path):
+    with pytest.raises(ValueError, match="token id"):
+        save_embedding_file(tmp_path / "e.pt", {"*": _vec(1)})
+    with pytest.raises(ValueError, match="Unknown embedding format"):
+        save_embedding_file(tmp_path / "e.pt", {"*": _vec(1)}, fmt="webui")
+    with pytest.raises(ValueError, match="safetensors"):
+        save_embedding_file(tmp_path / "e.pt", {"*": _vec(1)}, fmt="a1111-safetensors")
+    with pytest.raises(ValueError, match=r"\[d\] or \[n, d\]"):
+        save_embedding_file(tmp_path / "e.pt", {"*": torch.zeros(1, 2, 3)}, tokens={"*": 1})
+    assert set(FORMATS) == {"official", "a1111", "a1111-safetensors", "diffusers", "kohya"}
+
+
+def test_sdxl_and_unknown_layouts_are_clear_errors(tmp_path):
+    sdxl = tmp_path / "xl.safetensors"
+    safetensors.torch.save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(sdxl))
+    with pytest.raises(ValueError, match="SDXL.*SD1"):
+        load_embedding_file(sdxl)
+    model = tmp_path / "model.pt"
+    torch.save({"conv.weight": torch.zeros(2, 2, 3, 3), "epoch": 3}, model)
+    with pytest.raises(ValueError, match=r"model.pt.*keys found: \['conv.weight', 'epoch'\]"):
+        load_embedding_file(model)
+
+
+def test_malicious_embedding_file_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "evil.pt"
+    torch.save({"string_to_param": {"*": _vec(1)}, "string_to_token": {"*": Evil()}}, path)
+    with pytest.raises(CheckpointSecurityError, match="system"):
+        load_embedding_file(path)
+    assert not marker.exists()
