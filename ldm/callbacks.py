@@ -1,0 +1,211 @@
+"""Lightning callbacks of main.py: log directory setup, image grids, checkpoints on signals and crashes."""
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
+
+from ldm.util import make_grid, to_pil
+
+
+class SetupCallback(Callback):
+    """Creates the run's directories and writes the merged project and lightning configs (rank zero)."""
+
+    def __init__(self, resume, now, logdir, ckptdir, cfgdir, config, lightning_config):
+        super().__init__()
+        self.resume = resume
+        self.now = now
+        self.logdir = logdir
+        self.ckptdir = ckptdir
+        self.cfgdir = cfgdir
+        self.config = config
+        self.lightning_config = lightning_config
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.global_rank != 0:
+            return
+        for d in (self.logdir, self.ckptdir, self.cfgdir):
+            os.makedirs(d, exist_ok=True)
+        if "metrics_over_trainsteps_checkpoint" in self.lightning_config.get("callbacks", {}):
+            os.makedirs(os.path.join(self.ckptdir, "trainstep_checkpoints"), exist_ok=True)
+        print("Project config")
+        print(OmegaConf.to_yaml(self.config))
+        OmegaConf.save(self.config, os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
+        print("Lightning config")
+        print(OmegaConf.to_yaml(self.lightning_config))
+        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
+                       os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+
+
+def save_last_checkpoint(trainer, ckptdir, all_ranks=True):
+    """Write ckptdir/last.ckpt now.
+
+    `trainer.save_checkpoint` synchronises all ranks; when only one rank is here (it alone crashed), rank zero
+    writes the checkpoint itself instead of waiting for the others forever.
+    """
+    path = os.path.join(ckptdir, "last.ckpt")
+    if all_ranks or trainer.world_size == 1:
+        if trainer.global_rank == 0:
+            print(f"Summoning checkpoint: {path}")
+        trainer.save_checkpoint(path)
+    elif trainer.global_rank == 0:
+        print(f"Summoning checkpoint: {path}")
+        trainer.strategy.checkpoint_io.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), path)
+
+
+class InterruptCheckpoint(Callback):
+    """Saves last.ckpt when training stops abnormally, so that `main.py -r LOGDIR` carries on from there.
+
+    - SIGTERM (Lightning finishes the current step, then raises SIGTERMException), Ctrl-C and any exception:
+      saved from `on_exception`; the process then exits (SIGTERM: cleanly).
+    - SIGUSR1 (where the platform has it): saved after the current step, and training goes on, like the
+      original's `melk`. Saving inside the signal handler itself could catch a half-done optimizer step.
+    """
+
+    def __init__(self, ckptdir):
+        super().__init__()
+        self.ckptdir = ckptdir
+        self._save_requested = False
+        self._previous_handler = None
+
+    def _request_save(self, signum, frame):
+        self._save_requested = True
+
+    def on_fit_start(self, trainer, pl_module):
+        if hasattr(signal, "SIGUSR1"):
+            try:
+                self._previous_handler = signal.signal(signal.SIGUSR1, self._request_save)
+            except ValueError:  # not in the main thread: leave signals alone
+                self._previous_handler = None
+
+    def on_fit_end(self, trainer, pl_module):
+        self._restore_handler()
+
+    def _restore_handler(self):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._save_requested:
+            self._save_requested = False
+            save_last_checkpoint(trainer, self.ckptdir)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore_handler()
+        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return  # nothing trained yet
+        everyone = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+        if isinstance(exception, SIGTERMException) and trainer.global_rank == 0:
+            print("Received SIGTERM: saving a checkpoint before exiting.")
+        save_last_checkpoint(trainer, self.ckptdir, all_ranks=everyone)
+
+
+class ImageLogger(Callback):
+    """Every `batch_frequency` steps, saves grids of `pl_module.log_images(batch)` under <logdir>/images/<split>/.
+
+    Sampling runs under a forked RNG so that logging images, or not, never changes what training draws.
+    """
+
+    def __init__(self, batch_frequency, max_images, clamp=True, increase_log_steps=True, rescale=True,
+                 disabled=False, log_on_batch_idx=False, log_first_step=False, log_images_kwargs=None):
+        super().__init__()
+        self.batch_freq = batch_frequency
+        self.max_images = max_images
+        self.clamp = clamp
+        self.rescale = rescale
+        self.disabled = disabled
+        self.log_on_batch_idx = log_on_batch_idx
+        self.log_first_step = log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        # early steps 1, 2, 4, ... are logged too, to see the start of a run
+        self.log_steps = [2 ** n for n in range(int(np.log2(self.batch_freq)) + 1)] if increase_log_steps else []
+
+    def check_frequency(self, check_idx):
+        if check_idx > 0 or self.log_first_step:
+            if check_idx % self.batch_freq == 0 or check_idx in self.log_steps:
+                if check_idx in self.log_steps:
+                    self.log_steps.remove(check_idx)
+                return True
+        return False
+
+    @staticmethod
+    def _save_dir(trainer):
+        return trainer.logger.save_dir if trainer.logger is not None else trainer.default_root_dir
+
+    @rank_zero_only
+    def log_local(self, save_dir, split, images, global_step, current_epoch, batch_idx):
+        root = os.path.join(save_dir, "images", split)
+        os.makedirs(root, exist_ok=True)
+        for k, imgs in images.items():
+            grid = make_grid(imgs, nrow=4)
+            if not self.rescale:  # images already in [0, 1]
+                grid = grid * 2.0 - 1.0
+            to_pil(grid).save(os.path.join(root, f"{k}_gs-{global_step:06}_e-{current_epoch:06}_b-{batch_idx:06}.jpg"))
+
+    @rank_zero_only
+    def log_to_loggers(self, trainer, images, split):
+        for logger in trainer.loggers:
+            add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
+            if callable(add_image):  # TensorBoard
+                for k, imgs in images.items():
+                    grid = (make_grid(imgs, nrow=4) + 1.0) / 2.0 if self.rescale else make_grid(imgs, nrow=4)
+                    add_image(f"{split}/{k}", grid, global_step=trainer.global_step)
+
+    def log_img(self, trainer, pl_module, batch, batch_idx, split="train"):
+        check_idx = batch_idx if self.log_on_batch_idx else pl_module.global_step
+        if self.max_images <= 0 or not callable(getattr(pl_module, "log_images", None)) \
+                or not self.check_frequency(check_idx):
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
+        if was_training:
+            pl_module.train()
+        images = {k: v[:self.max_images].detach().float().cpu() for k, v in images.items()
+                  if isinstance(v, torch.Tensor)}
+        if self.clamp:
+            images = {k: v.clamp(-1.0, 1.0) for k, v in images.items()}
+        self.log_local(self._save_dir(trainer), split, images, pl_module.global_step, pl_module.current_epoch,
+                       batch_idx)
+        self.log_to_loggers(trainer, images, split)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.disabled and (pl_module.global_step > 0 or self.log_first_step):
+            self.log_img(trainer, pl_module, batch, batch_idx, split="train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not self.disabled and pl_module.global_step > 0 and not trainer.sanity_checking:
+            self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+class CUDACallback(Callback):
+    """Reports each epoch's time and peak GPU memory (nothing to do on other devices)."""
+
+    def _on_cuda(self, trainer):
+        return trainer.strategy.root_device.type == "cuda"
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self._on_cuda(trainer):
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+            torch.cuda.synchronize(trainer.strategy.root_device)
+        self.start_time = time.time()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not self._on_cuda(trainer):
+            return
+        torch.cuda.synchronize(trainer.strategy.root_device)
+        max_memory = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2 ** 20
+        epoch_time = time.time() - self.start_time
+        max_memory = trainer.strategy.reduce(torch.tensor(max_memory, device=pl_module.device)).item()
+        epoch_time = trainer.strategy.reduce(torch.tensor(epoch_time, device=pl_module.device)).item()
+        rank_zero_info(f"Average Epoch time: {epoch_time:.2f} seconds")
+        rank_zero_info(f"Average Peak memory {max_memory:.2f}MiB")

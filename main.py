@@ -1,0 +1,370 @@
+"""Training entry point: `python main.py --base CONFIG.yaml -t --actual_resume MODEL.ckpt --data_root IMAGES ...`.
+
+Configs (`-b`, merged left to right, then `nested.key=value` dotlist arguments) hold `model`, `data` and an
+optional `lightning` block (`trainer`, `logger`, `modelcheckpoint`, `callbacks`); trainer flags given on the
+command line override `lightning.trainer`. A run writes logs/<time>_<name>/ with checkpoints/ (Lightning
+checkpoints, embeddings.pt, embeddings_gs-<step>.pt), configs/ (the merged configs), images/ and a CSV log.
+`-r LOGDIR` (or a checkpoint inside it) resumes that run exactly where it stopped.
+"""
+import argparse
+import datetime
+import glob
+import os
+import sys
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning import seed_everything
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: F401 (YAML targets)
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies import DDPStrategy
+
+from ldm.callbacks import CUDACallback, ImageLogger, InterruptCheckpoint, SetupCallback  # noqa: F401 (YAML targets)
+from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401 (YAML targets)
+from ldm.util import instantiate_from_config
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Trainer options exposed as flags: name -> argparse type. Unset flags leave `lightning.trainer` alone.
+TRAINER_FLAGS = {
+    "max_steps": int, "max_epochs": int, "accelerator": str, "devices": str, "strategy": str, "precision": str,
+    "accumulate_grad_batches": int, "num_nodes": int, "gpus": str, "log_every_n_steps": int,
+    "check_val_every_n_epoch": int, "limit_val_batches": str,
+}
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files, reported without a traceback."""
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError("Boolean value expected.")
+
+
+def get_parser(**parser_kwargs):
+    parser = argparse.ArgumentParser(**parser_kwargs)
+    flag = dict(type=str2bool, nargs="?", const=True)
+    parser.add_argument("-n", "--name", type=str, const=True, default="", nargs="?", help="postfix for logdir")
+    parser.add_argument("-r", "--resume", type=str, const=True, default="", nargs="?",
+                        help="resume from logdir or checkpoint in logdir")
+    parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=list(),
+                        help="paths to base configs, merged left to right; override keys with `nested.key=value`")
+    parser.add_argument("-t", "--train", default=False, help="train", **flag)
+    parser.add_argument("--no-test", default=False, help="disable test", **flag)
+    parser.add_argument("-p", "--project", help="name of new or path to existing project")
+    parser.add_argument("-d", "--debug", default=False, help="enable post-mortem debugging", **flag)
+    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
+    parser.add_argument("-f", "--postfix", type=str, default="", help="post-postfix for default name")
+    parser.add_argument("-l", "--logdir", type=str, default="logs", help="directory for logging")
+    parser.add_argument("--scale_lr", default=True, help="scale base-lr by ngpu * batch_size * n_accumulate",
+                        **flag)
+    parser.add_argument("--datadir_in_name", default=True,
+                        help="prepend the final directory of --data_root to the output directory name", **flag)
+    parser.add_argument("--actual_resume", type=str, help="path to the model weights to start from")
+    parser.add_argument("--data_root", type=str, help="path to the directory with training images")
+    parser.add_argument("--embedding_manager_ckpt", type=str, default="",
+                        help="initialise the embedding manager from an embedding file")
+    parser.add_argument("--placeholder_string", type=str,
+                        help="placeholder string for the concept in prompts (overrides the configs)")
+    parser.add_argument("--init_word", type=str, help="word whose embedding initialises the placeholder")
+    trainer = parser.add_argument_group("trainer", "override lightning.trainer of the configs")
+    for name, kind in TRAINER_FLAGS.items():
+        trainer.add_argument(f"--{name}", type=kind, default=None)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- run directory
+def resolve_run_dir(opt, now):
+    """-> (logdir, nowname, ckpt to resume or None); on resume, prepends the run's saved configs to opt.base."""
+    if opt.name and opt.resume:
+        raise UsageError("-n/--name and -r/--resume cannot be specified both. To start a new log folder from "
+                         "the weights of a checkpoint, use -n/--name with --actual_resume.")
+    if opt.resume:
+        if not os.path.exists(opt.resume):
+            raise UsageError(f"Cannot find {opt.resume} to resume: give a log directory or a checkpoint in it.")
+        if os.path.isfile(opt.resume):
+            ckpt = opt.resume
+            logdir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+        else:
+            logdir = opt.resume.rstrip("/\\")
+            ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
+            if not os.path.isfile(ckpt):
+                raise UsageError(f"{ckpt} does not exist: pass the checkpoint to resume from with -r FILE.")
+        opt.base = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml"))) + list(opt.base)
+        return logdir, os.path.basename(logdir), ckpt
+    if opt.name:
+        name = "_" + opt.name
+    elif opt.base:
+        name = "_" + os.path.splitext(os.path.basename(opt.base[0]))[0]
+    else:
+        name = ""
+    if opt.datadir_in_name and opt.data_root:
+        now = os.path.basename(os.path.normpath(opt.data_root)) + now
+    nowname = now + name + opt.postfix
+    return os.path.join(opt.logdir, nowname), nowname, None
+
+
+# ----------------------------------------------------------------------------------------------------- configs
+def load_config(opt, unknown):
+    """Merge the base configs and the dotlist overrides; -> (config without `lightning`, lightning config)."""
+    for path in opt.base:
+        if not os.path.isfile(path):
+            raise UsageError(f"Config file {path} not found: check the path given to -b/--base "
+                             "(configs live under configs/, e.g. configs/stable-diffusion/v1-finetune.yaml).")
+    bad = [arg for arg in unknown if "=" not in arg or arg.startswith("-")]
+    if bad:
+        raise UsageError(f"Unrecognised arguments {bad}: config overrides take the form nested.key=value.")
+    config = OmegaConf.merge(*[OmegaConf.load(p) for p in opt.base], OmegaConf.from_dotlist(unknown))
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    return config, lightning_config
+
+
+def _has_images(folder):
+    for _, _, files in os.walk(folder):
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+def apply_cli_to_config(opt, config):
+    """Write --data_root, --placeholder_string, --init_word, --embedding_manager_ckpt, --actual_resume into config."""
+    data_splits = [config.data.params[s] for s in ("train", "validation") if s in config.get("data", {}).get(
+        "params", {})]
+    if opt.data_root:
+        if not os.path.isdir(opt.data_root):
+            raise UsageError(f"--data_root {opt.data_root} is not a directory: point it at the folder that holds "
+                             "your 3-5 training images.")
+        if not _has_images(opt.data_root):
+            raise UsageError(f"--data_root {opt.data_root} contains no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                             "put your training images there.")
+        for split in data_splits:
+            split.params.data_root = opt.data_root
+
+    personalization = config.model.params.get("personalization_config")
+    wants_personalization = opt.placeholder_string or opt.init_word or opt.embedding_manager_ckpt
+    if wants_personalization and personalization is None:
+        raise UsageError("--placeholder_string / --init_word / --embedding_manager_ckpt need a config with "
+                         "model.params.personalization_config (e.g. configs/stable-diffusion/v1-finetune.yaml).")
+    if personalization is not None:
+        if opt.embedding_manager_ckpt:
+            if not os.path.isfile(opt.embedding_manager_ckpt):
+                raise UsageError(f"--embedding_manager_ckpt {opt.embedding_manager_ckpt} not found.")
+            config.model.params.embedding_manager_ckpt = opt.embedding_manager_ckpt
+        if opt.placeholder_string:
+            personalization.params.placeholder_strings = [opt.placeholder_string]
+            # the original never passed this on, and its captions kept "*"
+            for split in data_splits:
+                split.params.placeholder_token = opt.placeholder_string
+        if opt.init_word:
+            words = list(personalization.params.get("initializer_words") or [])
+            personalization.params.initializer_words = [opt.init_word] + words[1:]
+
+    if opt.actual_resume:
+        if not os.path.isfile(opt.actual_resume):
+            raise UsageError(f"--actual_resume {opt.actual_resume} not found: give the path of the model weights "
+                             "(.ckpt or .safetensors) to start from.")
+        # The model loads it in its constructor, before the embedding manager reads the initializer words from
+        # the text encoder; recorded in the saved config, so that -r reloads the frozen weights.
+        config.model.params.ckpt_path = os.path.abspath(opt.actual_resume)
+
+
+def build_model(config):
+    print(f"Loading model {config.model.target}"
+          + (f" from {config.model.params.ckpt_path}" if config.model.params.get("ckpt_path") else ""))
+    try:
+        return instantiate_from_config(config.model)
+    except ValueError as e:  # e.g. an init word of more tokens than num_vectors_per_token
+        raise UsageError(f"Could not build the model: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
+def _parse_devices(value):
+    """'2' -> 2, '0,1' or '1,' -> [0, 1] / [1], 'auto' and -1 stay."""
+    if value is None or isinstance(value, (int, list)) or OmegaConf.is_list(value):
+        return list(value) if OmegaConf.is_list(value) else value
+    value = str(value).strip()
+    if "," in value:
+        return [int(v) for v in value.split(",") if v.strip()]
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+def _count_devices(accelerator, devices):
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, int) and devices >= 0:
+        return devices
+    if accelerator in ("gpu", "cuda", "auto", None):
+        return torch.cuda.device_count() or 1
+    return 1
+
+
+def trainer_options(opt, lightning_config):
+    """lightning.trainer, overridden by the trainer flags, in Lightning 2.x terms (recorded back in the config)."""
+    options = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
+    for name in TRAINER_FLAGS:
+        value = getattr(opt, name)
+        if value is not None:
+            options[name] = value
+    if "resume_from_checkpoint" in options:
+        raise UsageError("lightning.trainer.resume_from_checkpoint is gone in Lightning 2.x: use -r CHECKPOINT.")
+    if options.get("accelerator") in ("ddp", "ddp_spawn", "dp"):  # Lightning 1.x spelling
+        options["strategy"] = options.pop("accelerator")
+    gpus = options.pop("gpus", None)
+    if gpus is not None:  # "0," style, as the original took it
+        options["accelerator"] = "gpu"
+        options["devices"] = _parse_devices(gpus)
+        print(f"Running on GPUs {gpus}")
+    if "devices" in options:
+        options["devices"] = _parse_devices(options["devices"])
+    if "limit_val_batches" in options and isinstance(options["limit_val_batches"], str):
+        v = options["limit_val_batches"]
+        options["limit_val_batches"] = float(v) if "." in v else int(v)
+    if options.get("precision") is not None and str(options["precision"]).isdigit():
+        options["precision"] = int(options["precision"])
+    lightning_config.trainer = options
+    return dict(options)
+
+
+def _find_unused_parameters(config):
+    """DDP must look for unused parameters when some embedding vectors sit out a step."""
+    personalization = config.model.params.get("personalization_config")
+    if personalization is None:
+        return False
+    p = personalization.params
+    return bool(p.get("per_image_tokens") or p.get("progressive_words") or len(p.get("placeholder_strings", [])) > 1)
+
+
+def build_loggers(lightning_config, logdir, nowname, opt):
+    if "logger" in lightning_config:
+        return [instantiate_from_config(lightning_config.logger)]
+    loggers = [CSVLogger(save_dir=logdir, name="csv")]
+    try:
+        from pytorch_lightning.loggers import TensorBoardLogger
+        loggers.append(TensorBoardLogger(save_dir=logdir, name="tensorboard"))
+    except ModuleNotFoundError:
+        pass  # tensorboard is optional
+    return loggers
+
+
+def build_callbacks(opt, model, config, lightning_config, now, logdir, ckptdir, cfgdir):
+    modelckpt_cfg = OmegaConf.create({
+        "target": "pytorch_lightning.callbacks.ModelCheckpoint",
+        "params": {"dirpath": ckptdir, "filename": "{epoch:06}", "verbose": True, "save_last": True},
+    })
+    monitor = getattr(model, "monitor", None)
+    # an "_ema" metric only exists when the model keeps an EMA; monitoring a metric never logged is an error
+    if monitor and (not monitor.endswith("_ema") or getattr(model, "use_ema", False)):
+        print(f"Monitoring {monitor} as checkpoint metric.")
+        modelckpt_cfg.params.monitor = monitor
+        modelckpt_cfg.params.save_top_k = 1
+    modelckpt_cfg = OmegaConf.merge(modelckpt_cfg, lightning_config.get("modelcheckpoint", OmegaConf.create()))
+    print(f"Merged modelckpt-cfg: \n{modelckpt_cfg}")
+
+    defaults = {
+        "image_logger": {"target": "main.ImageLogger",
+                         "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},
+        "learning_rate_logger": {"target": "main.LearningRateMonitor", "params": {"logging_interval": "step"}},
+        "cuda_callback": {"target": "main.CUDACallback"},
+        "checkpoint_callback": modelckpt_cfg,
+    }
+    user_cfg = lightning_config.get("callbacks", OmegaConf.create())
+    if "metrics_over_trainsteps_checkpoint" in user_cfg:
+        print("Caution: Saving checkpoints every n train steps without deleting. This might require some free space.")
+        defaults["metrics_over_trainsteps_checkpoint"] = {
+            "target": "pytorch_lightning.callbacks.ModelCheckpoint",
+            "params": {"dirpath": os.path.join(ckptdir, "trainstep_checkpoints"), "filename": "{epoch:06}-{step:09}",
+                       "verbose": True, "save_top_k": -1, "every_n_train_steps": 10000, "save_weights_only": True}}
+    callbacks_cfg = OmegaConf.merge(defaults, user_cfg)
+    callbacks_cfg.pop("ignore_keys_callback", None)  # Lightning 1.x only
+    callbacks = [SetupCallback(resume=opt.resume, now=now, logdir=logdir, ckptdir=ckptdir, cfgdir=cfgdir,
+                               config=config, lightning_config=lightning_config),
+                 InterruptCheckpoint(ckptdir)]
+    return callbacks + [instantiate_from_config(callbacks_cfg[k]) for k in callbacks_cfg]
+
+
+def build_trainer(opt, model, data, config, lightning_config, now, logdir, ckptdir, cfgdir, nowname):
+    kwargs = trainer_options(opt, lightning_config)
+    n_devices = _count_devices(kwargs.get("accelerator"), kwargs.get("devices", "auto"))
+    if "strategy" not in kwargs and n_devices * kwargs.get("num_nodes", 1) > 1:
+        kwargs["strategy"] = DDPStrategy(find_unused_parameters=_find_unused_parameters(config))
+    if isinstance(data, DataModuleFromConfig):
+        kwargs.setdefault("use_distributed_sampler", False)  # its sampler shards by rank (and resumes) itself
+    kwargs.update(
+        default_root_dir=logdir,
+        logger=build_loggers(lightning_config, logdir, nowname, opt),
+        callbacks=build_callbacks(opt, model, config, lightning_config, now, logdir, ckptdir, cfgdir),
+    )
+    trainer = pl.Trainer(**kwargs)
+    trainer.logdir = logdir  # scripts of the original read it
+    return trainer
+
+
+def set_learning_rate(opt, model, config, trainer):
+    bs, base_lr = config.data.params.batch_size, config.model.base_learning_rate
+    accumulate_grad_batches, ngpu = trainer.accumulate_grad_batches, trainer.num_devices
+    print(f"accumulate_grad_batches = {accumulate_grad_batches}")
+    if opt.scale_lr:
+        model.learning_rate = accumulate_grad_batches * ngpu * bs * base_lr
+        print("Setting learning rate to {:.2e} = {} (accumulate_grad_batches) * {} (num_gpus) * {} (batchsize) * "
+              "{:.2e} (base_lr)".format(model.learning_rate, accumulate_grad_batches, ngpu, bs, base_lr))
+    else:
+        model.learning_rate = base_lr
+        print("++++ NOT USING LR SCALING ++++")
+        print(f"Setting learning rate to {model.learning_rate:.2e}")
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+def main(argv=None):
+    """Parse `argv` (default: sys.argv[1:]), train and/or test; returns the trainer."""
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    # `target: main.X` in configs imports this file as `main`, from wherever it is run
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    opt, unknown = get_parser().parse_known_args(argv)
+    logdir, nowname, resume_ckpt = resolve_run_dir(opt, now)
+    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
+    seed_everything(opt.seed)
+
+    config, lightning_config = load_config(opt, unknown)
+    apply_cli_to_config(opt, config)
+    model = build_model(config)
+    data = instantiate_from_config(config.data)
+    trainer = build_trainer(opt, model, data, config, lightning_config, now, logdir, ckptdir, cfgdir, nowname)
+
+    # building the datasets here reports a bad data folder before any training starts
+    data.setup()
+    print("#### Data #####")
+    for k, dataset in getattr(data, "datasets", {}).items():
+        print(f"{k}, {dataset.__class__.__name__}, {len(dataset)}")
+    set_learning_rate(opt, model, config, trainer)
+
+    try:
+        if opt.train:
+            trainer.fit(model, data, ckpt_path=resume_ckpt)
+        if not opt.no_test and not trainer.interrupted and "test" in getattr(data, "dataset_configs", {}):
+            trainer.test(model, data)
+    except Exception:
+        if opt.debug and trainer.global_rank == 0:
+            import pdb
+            pdb.post_mortem()
+        raise
+    finally:
+        # keep debug runs apart from real ones
+        if opt.debug and not opt.resume and trainer.global_rank == 0 and os.path.isdir(logdir):
+            dst = os.path.join(os.path.dirname(logdir), "debug_runs", os.path.basename(logdir))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(logdir, dst)
+    return trainer
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"main.py: error: {error}")
