@@ -8,6 +8,7 @@ Formats read (recognised by content, the extension only picks the container):
   diffusers  {placeholder_token: [d] or [n, d]} in learned_embeds.safetensors / .bin.
 Vectors always come back as float32 [n, d].
 """
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,3 +169,26 @@ def save_embedding_file(path, vectors, tokens=None, name=None, step=None, fmt="o
     else:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def single_token_lookup(tokenizer="clip"):
+    """A function string -> token id, or None when the string is not exactly one token.
+
+    Formats other than the official one do not store token ids; this recovers them for the text encoder in use
+    ("clip" for Stable Diffusion, "bert" for the LDM-1.4B model).
+    """
+    if tokenizer == "clip":
+        from ldm.modules.encoders.clip_tokenizer import load_clip_tokenizer
+        tok = load_clip_tokenizer()
+    elif tokenizer == "bert":
+        from ldm.modules.encoders.modules import BERTTokenizer
+        tok = BERTTokenizer().tokenizer
+    else:
+        raise ValueError(f"Unknown tokenizer {tokenizer!r}; use 'clip' or 'bert'")
+
+    def lookup(string):
+        ids = tok(string, add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 else None
+
+    return lookup
