@@ -225,3 +225,43 @@ def test_malicious_embedding_file_is_refused(tmp_path):
     with pytest.raises(CheckpointSecurityError, match="system"):
         load_embedding_file(path)
     assert not marker.exists()
+
+
+def _convert(*argv):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "convert_embedding", os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_embedding.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("fmt,filename", [("a1111", "c.pt"), ("a1111-safetensors", "c.safetensors"),
+                                          ("diffusers", "learned_embeds.bin"), ("kohya", "c.safetensors")])
+def test_convert_to_each_format_and_back(tmp_path, fmt, filename):
+    vec = _vec(2)
+    source = tmp_path / "embeddings.pt"
+    save_embedding_file(source, {"*": vec}, tokens={"*": 265}, name="tri", step=40)
+    out = tmp_path / fmt / filename
+    assert _convert("--input", source, "--output", out, "--to", fmt) == 0
+    converted = load_embedding_file(out)
+    assert converted.format == fmt and torch.equal(next(iter(converted.vectors.values())), vec)
+    # Back to official: the name is not a CLIP token everywhere, so give the placeholder explicitly.
+    back = tmp_path / "back.pt"
+    assert _convert("--input", out, "--output", back, "--to", "official", "--name", "@") == 0
+    official = load_embedding_file(back)
+    assert official.tokens == {"@": 287} and torch.equal(official.vectors["@"], vec)
+
+
+def test_convert_errors_are_clear(tmp_path, capsys):
+    two = tmp_path / "two.pt"
+    save_embedding_file(two, {"*": _vec(1), "@": _vec(1, 1)}, tokens={"*": 265, "@": 287})
+    assert _convert("--input", two, "--output", tmp_path / "x.pt", "--to", "a1111") == 1
+    assert "one concept per file" in capsys.readouterr().err
+    assert _convert("--input", two, "--output", tmp_path / "x.pt", "--to", "official", "--name", "z") == 1
+    assert "renames a single concept" in capsys.readouterr().err
+    diffusers = tmp_path / "learned_embeds.bin"
+    save_embedding_file(diffusers, {"<cat-toy>": _vec(1)}, fmt="diffusers")
+    assert _convert("--input", diffusers, "--output", tmp_path / "x.pt", "--to", "official") == 1
+    assert "'<cat-toy>' is not a single clip token" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
