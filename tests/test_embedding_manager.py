@@ -1,0 +1,252 @@
+"""The EmbeddingManager and the patched encoders: learned vectors act exactly like new vocabulary entries."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ldm.data.personalized import per_img_token_list
+from ldm.modules.embedding_io import load_embedding_file, save_embedding_file
+from ldm.modules.embedding_manager import PROGRESSIVE_SCALE, EmbeddingManager
+from ldm.modules.encoders.modules import BERTEmbedder, FrozenCLIPEmbedder
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+STAR = 265  # CLIP id of "*"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return FrozenCLIPEmbedder(config=TINY)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    return BERTEmbedder(n_embed=32, n_layer=2).eval()
+
+
+def spliced_ids(row, replacements, first_new_id):
+    """`row` with each placeholder id replaced by new vocabulary ids (one per vector), cut to the row length.
+
+    replacements: {placeholder id: number of vectors}; new ids are allocated in that order from first_new_id.
+    """
+    new_ids, next_id = {}, first_new_id
+    for token, count in replacements.items():
+        new_ids[token] = list(range(next_id, next_id + count))
+        next_id += count
+    out = []
+    for token in row.tolist():
+        out += new_ids.get(token, [token])
+    if len(out) > len(row):
+        out = out[:len(row) - 1] + [row[-1].item()]
+    return torch.tensor(out)
+
+
+def clip_reference(clip, tokens, new_vectors):
+    """The library's own, unpatched forward with the vectors appended to the vocabulary (diffusers' way)."""
+    ref = copy.deepcopy(clip.transformer)
+    for module in ref.modules():
+        module.__dict__.pop("forward", None)
+    text = getattr(ref, "text_model", ref)
+    weight = text.embeddings.token_embedding.weight
+    text.embeddings.token_embedding = nn.Embedding.from_pretrained(torch.cat([weight, new_vectors]))
+    return ref(input_ids=tokens).last_hidden_state
+
+
+def test_one_vector_equals_new_vocabulary_entry(clip):
+    manager = EmbeddingManager(clip, ["*"], ["dog"])
+    tokens = clip.tokenize(["a photo of *", "* on a * beach", "no placeholder here"])
+    vocab = clip.token_embedding.num_embeddings
+    ref_tokens = torch.stack([spliced_ids(row, {STAR: 1}, vocab) for row in tokens])
+    expected = clip_reference(clip, ref_tokens, manager.string_to_param_dict["*"].detach())
+    torch.testing.assert_close(clip.encode_tokens(tokens, embedding_manager=manager), expected)
+    torch.testing.assert_close(clip(["a photo of *"], embedding_manager=manager), expected[:1])
+
+
+def test_three_vectors_are_spliced(clip):
+    torch.manual_seed(1)
+    manager = EmbeddingManager(clip, ["*"], num_vectors_per_token=3)
+    tokens = clip.tokenize(["a photo of * in the snow", "* and *", "plain"])
+    vocab = clip.token_embedding.num_embeddings
+    ref_tokens = torch.stack([spliced_ids(row, {STAR: 3}, vocab) for row in tokens])
+    assert ref_tokens[0, :9].tolist() == [49406, 320, 1125, 539, vocab, vocab + 1, vocab + 2, 530, 518]
+    expected = clip_reference(clip, ref_tokens, manager.string_to_param_dict["*"].detach())
+    torch.testing.assert_close(clip.encode_tokens(tokens, embedding_manager=manager), expected)
+
+
+def test_two_placeholders_in_one_prompt(clip):
+    torch.manual_seed(2)
+    manager = EmbeddingManager(clip, ["*", "sks"], ["cat", "painting"], num_vectors_per_token=2)
+    sks = clip.string_to_token_ids("sks")[0]
+    tokens = clip.tokenize(["a * in the style of sks", "sks *", "a *"])
+    vocab = clip.token_embedding.num_embeddings
+    ref_tokens = torch.stack([spliced_ids(row, {STAR: 2, sks: 2}, vocab) for row in tokens])
+    new_vectors = torch.cat([manager.string_to_param_dict["*"], manager.string_to_param_dict["sks"]]).detach()
+    expected = clip_reference(clip, ref_tokens, new_vectors)
+    torch.testing.assert_close(clip.encode_tokens(tokens, embedding_manager=manager), expected)
+
+
+def test_overflowing_row_keeps_its_end_token(clip):
+    manager = EmbeddingManager(clip, ["*"], num_vectors_per_token=4)
+    tokens = clip.tokenize(["* " + " ".join(["word"] * 80)])
+    assert tokens[0, -1].item() == 49407
+    embedded = clip.token_embedding(tokens)
+    out = manager(tokens, embedded)
+    vectors = manager.string_to_param_dict["*"]
+    torch.testing.assert_close(out[0, 1:5], vectors)
+    torch.testing.assert_close(out[0, 5:76], embedded[0, 2:73])
+    torch.testing.assert_close(out[0, 76], embedded[0, 76])
+
+
+def test_gradients_reach_only_the_manager(clip):
+    manager = EmbeddingManager(clip, ["*"], ["dog"], num_vectors_per_token=2)
+    out = clip(["a photo of *"], embedding_manager=manager)
+    out.square().mean().backward()
+    grad = manager.string_to_param_dict["*"].grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert all(p.grad is None for p in clip.parameters())
+    assert not any(p.requires_grad for p in manager.initial_embeddings.parameters())
+    assert list(manager.embedding_parameters()) == [manager.string_to_param_dict["*"]]
+
+
+def test_manager_weights_stay_out_of_the_encoder(clip):
+    manager = EmbeddingManager(clip, ["*"], ["dog"])
+    assert set(manager.state_dict()) == {"string_to_param_dict.*", "initial_embeddings.*"}
+
+
+def test_initializer_word(clip):
+    manager = EmbeddingManager(clip, ["*"], ["dog"], num_vectors_per_token=2)
+    dog = clip.token_embedding.weight[clip.string_to_token_ids("dog")[0]]
+    torch.testing.assert_close(manager.string_to_param_dict["*"].detach(), torch.stack([dog, dog]))
+    torch.testing.assert_close(manager.initial_embeddings["*"], torch.stack([dog, dog]))
+    assert manager.string_to_token_dict["*"].item() == STAR
+
+
+def test_random_init_without_initializer(clip):
+    manager = EmbeddingManager(clip, ["*"], num_vectors_per_token=2)
+    vectors = manager.string_to_param_dict["*"]
+    assert vectors.shape == (2, 32) and (vectors >= 0).all() and (vectors < 1).all()
+    assert len(manager.initial_embeddings) == 0
+    assert manager.embedding_to_coarse_loss().item() == 0
+
+
+def test_multi_token_initializer_accepted_with_enough_vectors(clip):
+    ids = clip.string_to_token_ids("golden retriever")
+    assert len(ids) == 2
+    manager = EmbeddingManager(clip, ["*"], ["golden retriever"], num_vectors_per_token=3)
+    words = clip.token_embedding.weight[ids]
+    expected = torch.cat([words, words.mean(0, keepdim=True)])
+    torch.testing.assert_close(manager.string_to_param_dict["*"].detach(), expected)
+
+
+def test_multi_token_initializer_refused_with_too_few_vectors(clip):
+    with pytest.raises(ValueError, match="'golden retriever' is 2 tokens.*raise num_vectors_per_token to 2"):
+        EmbeddingManager(clip, ["*"], ["golden retriever"], num_vectors_per_token=1)
+
+
+def test_placeholder_must_be_one_token(clip):
+    with pytest.raises(ValueError, match="'my dog' is 2 tokens.*exactly one token"):
+        EmbeddingManager(clip, ["my dog"])
+
+
+def test_per_image_tokens_need_single_tokens(clip, bert):
+    with pytest.raises(ValueError, match="per-image token"):
+        EmbeddingManager(clip, ["*"], per_image_tokens=True)
+    manager = EmbeddingManager(bert, ["*"], per_image_tokens=True)
+    assert list(manager.string_to_param_dict) == ["*"] + per_img_token_list
+
+
+def test_progressive_words_follow_the_step(clip):
+    manager = EmbeddingManager(clip, ["*"], ["dog"], num_vectors_per_token=3, progressive_words=True)
+    tokens = clip.tokenize(["a *"])
+    embedded = clip.token_embedding(tokens)
+    vectors = manager.string_to_param_dict["*"]
+    expectations = [(None, 3), (0, 1), (PROGRESSIVE_SCALE - 1, 1), (PROGRESSIVE_SCALE, 2), (10 * PROGRESSIVE_SCALE, 3)]
+    for step, active in expectations:
+        manager.progressive_step = step
+        assert manager.num_active_vectors() == active
+        out = manager(tokens, embedded)
+        torch.testing.assert_close(out[0, 2:2 + active], vectors[:active])
+        torch.testing.assert_close(out[0, 2 + active], embedded[0, 3])  # the end token follows the active vectors
+    for _ in range(3):  # forward calls do not advance it (the original's defect)
+        manager(tokens, embedded)
+    assert manager.num_active_vectors() == 3
+
+
+def test_same_mechanism_with_bert(bert):
+    torch.manual_seed(3)
+    manager = EmbeddingManager(bert, ["*"], ["dog"], num_vectors_per_token=2)
+    star = bert.string_to_token_ids("*")[0]
+    tokens = bert.tokenize(["a photo of *", "* and *"])
+    vocab = bert.token_embedding.num_embeddings
+    ref_tokens = torch.stack([spliced_ids(row, {star: 2}, vocab) for row in tokens])
+    ref = copy.deepcopy(bert.transformer)
+    ref.token_emb = nn.Embedding.from_pretrained(torch.cat([ref.token_emb.weight, manager.string_to_param_dict["*"]]))
+    expected = ref(ref_tokens, return_embeddings=True)
+    torch.testing.assert_close(bert(["a photo of *", "* and *"], embedding_manager=manager), expected)
+
+
+def test_regulariser_and_norms(clip):
+    manager = EmbeddingManager(clip, ["*", "sks"], ["dog", "cat"], num_vectors_per_token=2)
+    assert manager.embedding_to_coarse_loss().item() == 0
+    with torch.no_grad():
+        manager.string_to_param_dict["*"].add_(0.5)
+    loss = manager.embedding_to_coarse_loss()
+    assert loss.ndim == 0
+    torch.testing.assert_close(loss, torch.tensor(2 * 32 * 0.25 / 2))
+    norms = manager.get_embedding_norms_squared()
+    assert norms.shape == (4,)
+    torch.testing.assert_close(norms[2], manager.string_to_param_dict["sks"][0].square().sum().detach())
+
+
+def test_save_then_load(clip, tmp_path):
+    manager = EmbeddingManager(clip, ["*"], ["dog"], num_vectors_per_token=2)
+    with torch.no_grad():
+        manager.string_to_param_dict["*"].mul_(3)
+    path = manager.save(tmp_path / "embeddings.pt", step=42)
+    raw = torch.load(path, weights_only=True)
+    assert raw["step"] == 42 and raw["name"] == "*" and raw["string_to_token"]["*"].item() == STAR
+    fresh = EmbeddingManager(clip, ["*"])  # one vector: the count comes from the file
+    fresh.load(path)
+    torch.testing.assert_close(fresh.string_to_param_dict["*"], manager.string_to_param_dict["*"])
+    assert fresh.max_vectors_per_token == 2
+    tokens = clip.tokenize(["a photo of *"])
+    torch.testing.assert_close(clip.encode_tokens(tokens, embedding_manager=fresh),
+                               clip.encode_tokens(tokens, embedding_manager=manager))
+
+
+def test_load_adds_concepts_from_several_files(clip, tmp_path):
+    save_embedding_file(tmp_path / "a.pt", {"sks": torch.ones(4, 32)}, tokens={"sks": 48136})
+    save_embedding_file(tmp_path / "b.safetensors", {"<cat-toy>": torch.zeros(1, 32)}, fmt="diffusers")
+    manager = EmbeddingManager(clip, ["*"])
+    manager.load([tmp_path / "a.pt", tmp_path / "b.safetensors"], placeholder_strings=["sks", "@"])
+    assert list(manager.string_to_param_dict) == ["*", "sks", "@"]
+    assert manager.string_to_param_dict["sks"].shape == (4, 32)
+    assert manager.string_to_token_dict["@"].item() == clip.string_to_token_ids("@")[0]
+    out = manager(clip.tokenize(["sks"]), clip.token_embedding(clip.tokenize(["sks"])))
+    torch.testing.assert_close(out[0, 1:5], torch.ones(4, 32))
+
+
+def test_load_refuses_a_name_that_is_not_one_token(clip, tmp_path):
+    path = save_embedding_file(tmp_path / "learned_embeds.safetensors", {"<cat-toy>": torch.zeros(1, 32)},
+                               fmt="diffusers")
+    manager = EmbeddingManager(clip, ["*"])
+    with pytest.raises(ValueError, match="'<cat-toy>' is .* tokens.*placeholder_strings"):
+        manager.load(path)
+    manager.load(path, placeholder_strings=["*"])
+    torch.testing.assert_close(manager.string_to_param_dict["*"], torch.zeros(1, 32))
+
+
+def test_load_refuses_another_width(clip, tmp_path):
+    path = save_embedding_file(tmp_path / "sd2.pt", {"*": torch.zeros(1, 1024)}, tokens={"*": STAR})
+    with pytest.raises(ValueError, match="sd2.pt.*1024 wide.*32 wide"):
+        EmbeddingManager(clip, ["*"]).load(path)
+
+
+def test_file_written_by_manager_is_official(clip, tmp_path):
+    manager = EmbeddingManager(clip, ["*", "sks"], ["dog", "cat"])
+    loaded = load_embedding_file(manager.save(tmp_path / "embeddings_gs-7.pt", step=7))
+    assert loaded.format == "official" and loaded.step == 7
+    assert loaded.tokens == {"*": STAR, "sks": 48136}
+    assert set(loaded.vectors) == {"*", "sks"}
