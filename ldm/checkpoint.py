@@ -123,11 +123,11 @@ def load_checkpoint(path, map_location="cpu", extra_stand_ins=()):
         message = str(err)
         if "Unsupported operand" in message or "invalid load key" in message:
             raise CheckpointError(f"Could not read checkpoint {path} (corrupt or not a checkpoint): {err}") from err
-        offending = re.search(r"GLOBAL (\S+)", message) or re.search(r"function (\S+)", message)
+        offending = re.search(r"GLOBAL (\S+)", message)
         what = offending.group(1) if offending else "an object outside the allow-list"
         raise CheckpointSecurityError(
             f"Refused to load {path}: it pickles {what}, which is not an allowed global. "
-            "Nothing from the file was executed. Convert trusted files to .safetensors to load them."
+            "Nothing from the file was executed. If you trust the file, re-save its tensors as .safetensors."
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"Could not read checkpoint {path} (truncated or not a checkpoint?): {err}") from err
