@@ -1,6 +1,4 @@
 """The toy shapes world: generator spec and determinism, demo concept, and the evaluator's accuracy."""
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ from ldm.data.image_ops import to_uint8_hwc
 from ldm.data.personalized import imagenet_templates_small
 from ldm.data.shapes import (COLOURS, SHAPES, ShapeSpec, ShapesDataset, cross_thickness, random_spec, render,
                              shape_mask, write_concept)
+from ldm.data.shapes import main as shapes_main  # the CLI behind python -m ldm.data.shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,6 +178,100 @@ def test_evaluate_images_rates():
 
 def test_write_concept_cli(tmp_path):
     out = tmp_path / "toy_concept"
-    subprocess.run([sys.executable, "-m", "ldm.data.shapes", "--write_concept", str(out), "--n", "3"],
-                   cwd=ROOT, check=True, capture_output=True)
+    shapes_main(["--write_concept", str(out), "--n", "3"])
     assert len(list(out.glob("*.png"))) == 3
+
+
+# --- evaluation entry points: the CLIP metrics and scripts/evaluate_model.py ---
+
+def _load_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("evaluate_model", ROOT / "scripts" / "evaluate_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random transformers CLIP model saved like a hub snapshot (no tokenizer files)."""
+    from transformers import CLIPConfig, CLIPModel
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(small, max_position_embeddings=77, vocab_size=49408),
+                        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=8)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_clip_evaluator_similarities(tiny_clip_dir):
+    from evaluation.clip_eval import CLIPEvaluator, strip_placeholders
+    evaluator = CLIPEvaluator(tiny_clip_dir)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 40, 48, generator=generator) * 2 - 1
+    assert evaluator.img_to_img_similarity(images[:1], images[:1]) == pytest.approx(1.0, abs=1e-5)
+    pil_images = [Image.fromarray(to_uint8_hwc(x)) for x in images[:2]]
+    assert evaluator.img_to_img_similarity(pil_images, images[:2]) == pytest.approx(
+        evaluator.img_to_img_similarity(images[:2], images[:2]), abs=1e-2)
+    cross = evaluator.img_to_img_similarity(images[:1], images[1:])
+    text = evaluator.txt_to_img_similarity("a photo of a triangle", images)
+    assert -1.0 <= cross < 1.0 - 1e-4 and -1.0 <= text <= 1.0
+    a, b = evaluator.get_text_features(["a photo of a cat", "a photo of a dog"])
+    assert float(a @ b) < 1.0 - 1e-6  # the tokenizer really distinguishes the words
+    assert strip_placeholders("a photo of * on the beach", ["*"]) == "a photo of on the beach"
+
+
+def test_clip_evaluator_needs_an_existing_folder(tmp_path):
+    from evaluation.clip_eval import CLIPEvaluator
+    with pytest.raises(FileNotFoundError, match="missing_clip"):
+        CLIPEvaluator(tmp_path / "missing_clip")
+
+
+def test_evaluate_script_scores_an_images_folder(tmp_path, tiny_clip_dir, capsys):
+    evaluate_model = _load_script()
+    concept = tmp_path / "concept"
+    write_concept(concept, n=4, seed=2)
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    for k, spec in enumerate([ShapeSpec("triangle", "magenta", 20, 5, 1), ShapeSpec("circle", "magenta", 20, 5, 1),
+                              ShapeSpec("triangle", "green", 12, 3, 15), ShapeSpec("triangle", "magenta", 19, 10, 0)]):
+        Image.fromarray(render(spec)).save(generated / f"{k}.png")
+    out = tmp_path / "report.json"
+    report = evaluate_model.main(["--images_dir", str(generated), "--data_dir", str(concept), "--clip_dir",
+                                  str(tiny_clip_dir), "--toy_target", "magenta triangle large top",
+                                  "--json", str(out), "--device", "cpu"])
+    assert report["generated"]["toy_shape"] == 0.75 and report["generated"]["toy_colour"] == 0.75
+    assert report["generated"]["toy_size"] == 0.75 and report["generated"]["toy_joint"] == 0.5
+    assert report["reference"]["toy_joint"] == 1.0
+    assert -1 <= report["generated"]["clip_img_similarity"] <= 1
+    assert -1 <= report["generated"]["clip_txt_similarity"] <= 1
+    import json
+    assert json.loads(out.read_text())["generated"] == report["generated"]
+    printed = capsys.readouterr().out
+    assert "toy_joint" in printed and "clip_img_similarity" in printed and "reference" in printed
+
+
+def test_evaluate_script_refuses_to_measure_nothing(tmp_path):
+    evaluate_model = _load_script()
+    with pytest.raises(SystemExit, match="Nothing to measure"):
+        evaluate_model.main(["--images_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--ckpt"):
+        evaluate_model.main(["--toy_target", "red square"])
+
+
+@pytest.mark.slow
+def test_evaluate_script_samples_a_model(tmp_path, tiny_config, tiny_ckpt):
+    from conftest import build_tiny_model
+    embedding = tmp_path / "embeddings.pt"
+    build_tiny_model(tiny_config).embedding_manager.save(str(embedding))
+    config = ROOT / "configs/tiny/txt2img-tiny.yaml"
+    evaluate_model = _load_script()
+    report = evaluate_model.main(["--config", str(config), "--ckpt", str(tiny_ckpt), "--embedding_path",
+                                  str(embedding), "--n_samples", "3", "--batch_size", "2", "--ddim_steps", "2",
+                                  "--outdir", str(tmp_path / "out"), "--toy_target", "magenta triangle",
+                                  "--device", "cpu"])
+    samples = sorted((tmp_path / "out" / "a-photo-of").glob("samples/*.png"))
+    assert len(samples) == 3 and report["n_images"] == 3
+    assert Image.open(samples[0]).size == (32, 32)
+    assert set(report["generated"]) == {"toy_colour", "toy_shape", "toy_joint"}

@@ -76,7 +76,7 @@ def to_uint8_hwc(image):
     (datasets give HWC, models and `log_images` give CHW).
     """
     if isinstance(image, Image.Image):
-        return np.asarray(to_rgb(image))
+        return np.array(to_rgb(image))
     if isinstance(image, torch.Tensor):
         image = image.detach().float().cpu().numpy()
     image = np.asarray(image)
