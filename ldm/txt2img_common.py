@@ -1,0 +1,175 @@
+"""Everything scripts/txt2img.py and scripts/stable_txt2img.py share: flags, model loading, sampling, saving.
+
+The two scripts differ only in their defaults (LDM-1.4B at 256 px vs Stable Diffusion v1 at 512 px).
+"""
+import argparse
+import os
+import re
+import time
+from contextlib import nullcontext
+from itertools import islice
+
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning import seed_everything
+from tqdm import tqdm, trange
+
+from ldm.checkpoint import load_model_from_config
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.plms import PLMSSampler
+from ldm.util import make_grid, to_pil
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def build_parser(description, **defaults):
+    """The original scripts' flags; `defaults` overrides per script (config, ckpt, H, W, ddim_steps, ...)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
+                   help="the prompt to render")
+    p.add_argument("--outdir", type=str, nargs="?", default="outputs/txt2img-samples", help="dir to write results to")
+    p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
+    p.add_argument("--skip_save", action="store_true", help="do not save individual samples (speed measurements)")
+    p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling")
+    p.add_argument("--fixed_code", action="store_true", help="use the same starting code for every batch")
+    p.add_argument("--ddim_eta", type=float, default=0.0, help="ddim eta (0.0 is deterministic sampling)")
+    p.add_argument("--n_iter", type=int, default=2, help="sample this often")
+    p.add_argument("--H", type=int, default=512, help="image height, in pixel space")
+    p.add_argument("--W", type=int, default=512, help="image width, in pixel space")
+    p.add_argument("--C", type=int, default=4, help="latent channels")
+    p.add_argument("--f", type=int, default=8, help="downsampling factor")
+    p.add_argument("--n_samples", type=int, default=3, help="how many samples per prompt, a.k.a. batch size")
+    p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    p.add_argument("--scale", type=float, default=7.5,
+                   help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    p.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
+    p.add_argument("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml",
+                   help="path to the config which constructs the model")
+    p.add_argument("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
+                   help="path to the model checkpoint (.ckpt, .pt or .safetensors)")
+    p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+    p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
+                   help="evaluate at this precision (autocast: float16 on GPUs, bfloat16 on CPU)")
+    p.add_argument("--embedding_path", type=str, nargs="+",
+                   help="learned embedding file(s): official embeddings.pt, AUTOMATIC1111, diffusers or kohya")
+    p.add_argument("--placeholder_string", type=str, nargs="+",
+                   help="use these placeholder strings for the loaded embeddings (one per embedding file)")
+    p.add_argument("--device", type=str, default=default_device(), help="cuda, mps or cpu (default: best available)")
+    p.set_defaults(**defaults)
+    return p
+
+
+def check_inputs(opt):
+    """Fail early, naming the missing file and how to get it, before minutes of model loading."""
+    if not os.path.isfile(opt.config):
+        raise SystemExit(f"Config not found: {opt.config}. Pass --config PATH to the model's YAML config.")
+    if not os.path.isfile(opt.ckpt):
+        raise SystemExit(f"Checkpoint not found: {opt.ckpt}. Download the model weights to that path "
+                         "(see README.md) or pass --ckpt PATH.")
+    for path in opt.embedding_path or []:
+        if not os.path.isfile(path):
+            raise SystemExit(f"Embedding file not found: {path}. Pass --embedding_path with the embeddings.pt "
+                             "written by main.py (in the run's checkpoints folder) or another embedding file.")
+    if opt.from_file and not os.path.isfile(opt.from_file):
+        raise SystemExit(f"Prompt file not found: {opt.from_file}.")
+    if opt.plms and opt.ddim_eta != 0:
+        raise SystemExit("PLMS sampling is deterministic: drop --ddim_eta or sample with DDIM.")
+
+
+def load_model(opt):
+    model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device=opt.device, verbose=False)
+    if opt.embedding_path:
+        if getattr(model, "embedding_manager", None) is None:
+            raise SystemExit(f"{opt.config} has no personalization_config, so it cannot use --embedding_path.")
+        model.embedding_manager.load(opt.embedding_path, placeholder_strings=opt.placeholder_string)
+    return model
+
+
+def prompt_batches(opt):
+    if not opt.from_file:
+        return [opt.n_samples * [opt.prompt]]
+    print(f"reading prompts from {opt.from_file}")
+    with open(opt.from_file) as f:
+        prompts = [line for line in f.read().splitlines() if line.strip()]
+    lines = iter(prompts)
+    return list(iter(lambda: list(islice(lines, opt.n_samples)), []))
+
+
+def next_index(folder, pattern):
+    """One past the largest number in the file names matching `pattern`: never overwrites earlier runs."""
+    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := re.fullmatch(pattern, name))]
+    return max(numbers, default=-1) + 1
+
+
+def grid_name(opt):
+    if opt.from_file:
+        return "grid"
+    # Only characters every file system accepts ("*" is not one of them on Windows).
+    name = re.sub(r"[^A-Za-z0-9_]+", "-", opt.prompt).strip("-")[:100]
+    return name or "grid"
+
+
+def precision_scope(opt):
+    if opt.precision != "autocast":
+        return nullcontext()
+    device_type = torch.device(opt.device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16 if device_type == "cpu" else torch.float16)
+
+
+def main(parser, argv=None):
+    """Parse `argv` with `parser`, sample, write outdir/samples/NNNNN.png and a grid; returns the paths written."""
+    opt = parser.parse_args(argv)
+    check_inputs(opt)
+    seed_everything(opt.seed, verbose=False)
+    model = load_model(opt)
+    sampler = (PLMSSampler if opt.plms else DDIMSampler)(model)
+    # A CPU generator: the same seed gives the same images on CPU, CUDA and MPS.
+    generator = torch.Generator().manual_seed(opt.seed)
+
+    sample_path = os.path.join(opt.outdir, "samples")
+    os.makedirs(sample_path, exist_ok=True)
+    base_count = next_index(sample_path, r"(\d+)\.png")
+    shape = [opt.C, opt.H // opt.f, opt.W // opt.f]
+    start_code = None
+    if opt.fixed_code:
+        start_code = torch.randn([opt.n_samples, *shape], generator=generator).to(opt.device)
+
+    batches = prompt_batches(opt)
+    written, all_samples = [], []
+    tic = time.time()
+    with torch.no_grad(), precision_scope(opt), model.ema_scope():
+        for _ in trange(opt.n_iter, desc="Sampling"):
+            for prompts in tqdm(batches, desc="data"):
+                uc = model.get_learned_conditioning(len(prompts) * [""]) if opt.scale != 1.0 else None
+                c = model.get_learned_conditioning(prompts)
+                samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts), shape=shape,
+                                            verbose=False, unconditional_guidance_scale=opt.scale,
+                                            unconditional_conditioning=uc, eta=opt.ddim_eta, generator=generator,
+                                            x_T=None if start_code is None else start_code[:len(prompts)])
+                images = model.decode_first_stage(samples).float().clamp(-1., 1.).cpu()
+                if not opt.skip_save:
+                    for image in images:
+                        path = os.path.join(sample_path, f"{base_count:05}.png")
+                        to_pil(image).save(path)
+                        written.append(path)
+                        base_count += 1
+                if not opt.skip_grid:
+                    all_samples.append(images)
+
+    if not opt.skip_grid:
+        grid = make_grid(torch.cat(all_samples), nrow=opt.n_rows or opt.n_samples, pad_value=-1.)
+        name = grid_name(opt)
+        index = next_index(opt.outdir, re.escape(name) + r"-(\d{4})\.png")
+        path = os.path.join(opt.outdir, f"{name}-{index:04}.png")
+        to_pil(grid).save(path)
+        written.append(path)
+
+    print(f"Sampled in {time.time() - tic:.1f} s. Your samples are ready and waiting for you here:\n{opt.outdir}\nEnjoy.")
+    return written
