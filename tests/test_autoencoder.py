@@ -53,6 +53,9 @@ def test_tiny_kl_autoencoder_shapes():
         assert model.decode(z).shape == (2, 3, 32, 32)
         rec, post = model(x, sample_posterior=False)
     assert rec.shape == x.shape and torch.equal(post.mode(), posterior.mean)
+    logged = model.log_images({"image": x.permute(0, 2, 3, 1)})
+    assert {k: tuple(v.shape) for k, v in logged.items()} == {
+        "samples": (2, 3, 32, 32), "reconstructions": (2, 3, 32, 32), "inputs": (2, 3, 32, 32)}
 
 
 def test_get_input_converts_channels_last_batches():
@@ -122,6 +125,9 @@ def test_lightning_fit_trains_autoencoder_then_discriminator():
     assert metrics["train/disc_factor"] == 1.0
     assert metrics["train/d_weight"] > 0
 
+    (val,) = trainer.validate(model, DataLoader(RandomImages(2), batch_size=2), verbose=False)
+    assert math.isfinite(val["val/rec_loss"]) and math.isfinite(val["val/disc_loss"])
+
 
 def test_kl_loss_before_disc_start_skips_discriminator_and_works_without_grad():
     torch.manual_seed(0)
@@ -188,3 +194,45 @@ def test_identity_first_stage():
     quant, loss, info = stage.quantize(x)
     assert quant is x and loss is None and info == [None, None, None]
     assert IdentityFirstStage().quantize(x) is x
+
+
+class NearestCodeQuantizer(torch.nn.Module):
+    """Minimal VectorQuantizer2 (taming's interface) so that VQModel's own code can run without taming."""
+
+    def __init__(self, n_e, e_dim, beta=0.25, remap=None, sane_index_shape=False):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(n_e, e_dim)
+        self.beta = beta
+
+    def forward(self, z):
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        indices = torch.cdist(flat, self.embedding.weight).argmin(1)
+        z_q = self.embedding(indices).view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+        loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z_q.detach(), z)
+        return z + (z_q - z).detach(), loss, (None, None, indices)
+
+
+def test_vq_model_trains_with_ema_and_validates(monkeypatch):
+    import sys
+    import types
+    for name in ("taming", "taming.modules", "taming.modules.vqvae"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    quantize = types.ModuleType("taming.modules.vqvae.quantize")
+    quantize.VectorQuantizer2 = NearestCodeQuantizer
+    monkeypatch.setitem(sys.modules, "taming.modules.vqvae.quantize", quantize)
+
+    torch.manual_seed(0)
+    lossconfig = {"target": "ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+                  "params": {"disc_start": 1, "perceptual_weight": 0.0, "n_classes": 16}}
+    model = VQModel(ddconfig={**TINY_DDCONFIG, "double_z": False}, lossconfig=lossconfig, n_embed=16,
+                    embed_dim=4, use_ema=True)
+    model.learning_rate = 1e-3
+    before = model.quantize.embedding.weight.clone()
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(RandomImages(4), batch_size=2))
+    assert not torch.equal(before, model.quantize.embedding.weight)
+    assert model.model_ema.num_updates.item() == 2
+    assert math.isfinite(trainer.callback_metrics["train/perplexity"])
+    (val,) = trainer.validate(model, DataLoader(RandomImages(2), batch_size=2), verbose=False)
+    assert math.isfinite(val["val/rec_loss"]) and math.isfinite(val["val_ema/rec_loss"])
