@@ -187,3 +187,37 @@ def test_half_precision_start_code_keeps_its_dtype():
     x_T = torch.randn(BATCH, *SHAPE).to(torch.bfloat16)
     samples, _, _ = draw(DDIMSampler, steps=5, x_T=x_T)
     assert samples.dtype == torch.bfloat16 and torch.isfinite(samples.float()).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_ldm(tiny_config):
+    from conftest import build_tiny_model
+    return build_tiny_model(tiny_config)
+
+
+@pytest.mark.parametrize("sampler_cls", [DDIMSampler, PLMSSampler])
+def test_tiny_ldm_guided_sampling_is_seeded(tiny_ldm, sampler_cls):
+    c = tiny_ldm.get_learned_conditioning(["a photo of *", "a red circle"])
+    uc = tiny_ldm.get_learned_conditioning(2 * [""])
+    shape = (tiny_ldm.channels, tiny_ldm.image_size, tiny_ldm.image_size)
+
+    def run(seed):
+        return sampler_cls(tiny_ldm).sample(4, 2, shape, c, verbose=False, unconditional_guidance_scale=5.,
+                                            unconditional_conditioning=uc,
+                                            generator=torch.Generator().manual_seed(seed))[0]
+
+    a, b, other = run(0), run(0), run(1)
+    assert a.shape == (2, *shape) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.allclose(a, other)
+    assert tiny_ldm.decode_first_stage(a).shape == (2, 3, 32, 32)
+
+
+def test_tiny_ldm_samples_under_bfloat16_autocast(tiny_ldm):
+    """The scripts' --precision autocast on CPU: the UNet runs in bfloat16, the DDIM update in float32."""
+    c = tiny_ldm.get_learned_conditioning(["a photo of *"])
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, _ = DDIMSampler(tiny_ldm).sample(4, 1, (4, 8, 8), c, verbose=False, x_T=x_T)
+    full, _ = DDIMSampler(tiny_ldm).sample(4, 1, (4, 8, 8), c, verbose=False, x_T=x_T)
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast, full, atol=0.1) and not torch.equal(fast, full)
