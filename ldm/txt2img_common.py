@@ -88,7 +88,10 @@ def load_model(opt):
     if opt.embedding_path:
         if getattr(model, "embedding_manager", None) is None:
             raise SystemExit(f"{opt.config} has no personalization_config, so it cannot use --embedding_path.")
-        model.embedding_manager.load(opt.embedding_path, placeholder_strings=opt.placeholder_string)
+        try:
+            model.embedding_manager.load(opt.embedding_path, placeholder_strings=opt.placeholder_string)
+        except ValueError as err:  # unreadable file, wrong vector size, placeholder count or token mismatch
+            raise SystemExit(f"Could not load embeddings from {', '.join(opt.embedding_path)}: {err}") from err
     return model
 
 

@@ -221,3 +221,9 @@ def test_tiny_ldm_samples_under_bfloat16_autocast(tiny_ldm):
     full, _ = DDIMSampler(tiny_ldm).sample(4, 1, (4, 8, 8), c, verbose=False, x_T=x_T)
     assert fast.dtype == torch.float32
     assert torch.allclose(fast, full, atol=0.1) and not torch.equal(fast, full)
+
+
+@pytest.mark.parametrize("steps", [3, 7])
+def test_step_counts_that_do_not_divide_the_schedule(steps):
+    samples, _, model = draw(PLMSSampler, steps=steps)
+    assert len(model.batch_sizes) == steps + 1 and torch.isfinite(samples).all()

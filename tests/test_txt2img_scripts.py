@@ -27,7 +27,7 @@ def tiny_args(tmp_path, tiny_config, tiny_ckpt):
     config = tmp_path / "tiny.yaml"
     OmegaConf.save(tiny_config, config)
     return ["--config", str(config), "--ckpt", str(tiny_ckpt), "--n_samples", "2", "--n_iter", "1",
-            "--ddim_steps", "4", "--H", "32", "--W", "32", "--f", "4", "--C", "4", "--precision", "full",
+            "--ddim_steps", "3", "--H", "32", "--W", "32", "--f", "4", "--C", "4", "--precision", "full",
             "--device", "cpu", "--outdir", str(tmp_path / "out")]
 
 
@@ -86,6 +86,12 @@ def test_embedding_file_is_loaded_and_changes_the_images(tmp_path, tiny_args, ti
     plain = stable_txt2img.main(args)
     learned = stable_txt2img.main(args + ["--embedding_path", str(embedding)])
     assert not np.array_equal(pixels(plain[0]), pixels(learned[0]))
+    # the same vectors under another placeholder string
+    renamed = stable_txt2img.main(tiny_args + ["--prompt", "a photo of sks", "--skip_grid", "--embedding_path",
+                                               str(embedding), "--placeholder_string", "sks"])
+    assert np.array_equal(pixels(learned[0]), pixels(renamed[0]))
+    with pytest.raises(SystemExit, match="Could not load embeddings"):
+        stable_txt2img.main(args + ["--embedding_path", str(embedding), "--placeholder_string", "a", "b"])
 
 
 @pytest.mark.parametrize("flag,path,message", [
