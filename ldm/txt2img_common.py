@@ -79,6 +79,10 @@ def check_inputs(opt):
                              "written by main.py (in the run's checkpoints folder) or another embedding file.")
     if opt.from_file and not os.path.isfile(opt.from_file):
         raise SystemExit(f"Prompt file not found: {opt.from_file}.")
+    device_type = torch.device(opt.device).type
+    if (device_type == "cuda" and not torch.cuda.is_available()) or (
+            device_type == "mps" and not torch.backends.mps.is_available()):
+        raise SystemExit(f"--device {opt.device} is not available on this machine; try --device cpu.")
     if opt.plms and opt.ddim_eta != 0:
         raise SystemExit("PLMS sampling is deterministic: drop --ddim_eta or sample with DDIM.")
 

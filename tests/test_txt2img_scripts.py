@@ -104,6 +104,12 @@ def test_missing_files_are_named(tiny_args, flag, path, message):
         stable_txt2img.main(tiny_args + [flag, path])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_clear_error(tiny_args):
+    with pytest.raises(SystemExit, match="--device cuda is not available"):
+        stable_txt2img.main(tiny_args + ["--device", "cuda"])
+
+
 def test_embedding_without_personalization_config_is_refused(tmp_path, tiny_args, tiny_config):
     config = OmegaConf.create(OmegaConf.to_container(tiny_config))
     del config.model.params.personalization_config
