@@ -585,7 +585,7 @@ class LatentDiffusion(DDPM):
 
     @property
     def prunes_checkpoints(self):
-        return self.embedding_manager is not None and not self.unfreeze_model
+        return getattr(self, "embedding_manager", None) is not None and not self.unfreeze_model
 
     def on_save_checkpoint(self, checkpoint):
         """Keep the trainable state (manager, optimizer, RNG) and write the embedding files beside the checkpoint.

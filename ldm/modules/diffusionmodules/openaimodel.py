@@ -381,7 +381,8 @@ class UNetModel(nn.Module):
             raise ValueError("pass y (class labels) exactly when the model is class-conditional (num_classes).")
         if isinstance(context, (list, tuple)):
             raise TypeError("context must be one tensor (N, L, context_dim); per-block context lists are not supported.")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        # the sinusoid is float32; cast it to the embedding MLP's dtype so a model cast to half runs
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")

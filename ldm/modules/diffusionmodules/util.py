@@ -28,7 +28,8 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2,
 def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps, verbose=True):
     if ddim_discr_method == "uniform":
         c = max(num_ddpm_timesteps // num_ddim_timesteps, 1)
-        ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
+        # the original overran the schedule when the step count does not divide it (e.g. 3 of 1000)
+        ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, c)))[:num_ddim_timesteps]
     elif ddim_discr_method == "quad":
         ddim_timesteps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * .8), num_ddim_timesteps)) ** 2).astype(int)
     else:
