@@ -63,34 +63,40 @@ class SeededItems(Dataset):
 
 
 class ResumableSampler(Sampler):
-    """Yields (index, item_seed) for one rank; the order depends only on (seed, epoch).
+    """Yields (index, item_seed) for one rank; the order of a pass depends only on (seed, epoch).
 
-    `skip` items of the next epoch's share are left out once, when resuming mid-epoch. The sampler shards by
-    rank itself (so Lightning must not wrap it in a DistributedSampler; main.py turns that off).
+    The sampler counts epochs itself, one per pass, rather than taking Lightning's `set_epoch`: Lightning counts
+    a run stopped by max_steps as a finished epoch, so a resumed run would get the next epoch's order in the
+    middle of the epoch it interrupted. `resume(epoch, skip)` makes the next pass continue `epoch` after
+    `skip` items. It shards by rank itself, so Lightning must not wrap it in a DistributedSampler.
     """
 
     def __init__(self, length, shuffle, seed, num_replicas=1, rank=0):
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
-        self.skip = 0
+        self.epoch = 0  # of the pass under way, or of the next one when none has started
+        self._started = False
+        self._skip = 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def resume(self, epoch, skip):
+        self.epoch, self._skip, self._started = epoch, skip, False
 
     def __len__(self):
         return -(-self.length // self.num_replicas)
 
     def __iter__(self):
+        if self._started:
+            self.epoch += 1
+        self._started = True
+        epoch, start, self._skip = self.epoch, self._skip, 0
         order = torch.arange(self.length)
         if self.shuffle:
-            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))
         # pad so that every rank gets the same number of items, as DistributedSampler does
         order = torch.cat([order, order[:len(self) * self.num_replicas - self.length]])
-        positions = range(self.rank, len(order), self.num_replicas)
-        start, self.skip = self.skip, 0
-        for pos in list(positions)[start:]:
-            item_seed = int(np.random.SeedSequence([self.seed, self.epoch, pos]).generate_state(1)[0])
+        positions = list(range(self.rank, len(order), self.num_replicas))
+        for pos in positions[start:]:
+            item_seed = int(np.random.SeedSequence([self.seed, epoch, pos]).generate_state(1)[0])
             yield int(order[pos]), item_seed
 
 
@@ -113,8 +119,7 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": epoch, "consumed_batches": consumed}
 
     def load_state_dict(self, state):
-        self.sampler.set_epoch(state["epoch"])
-        self.sampler.skip = state["consumed_batches"] * self.batch_size
+        self.sampler.resume(state["epoch"], state["consumed_batches"] * self.batch_size)
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
