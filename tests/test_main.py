@@ -125,7 +125,7 @@ def test_multi_token_init_word_needs_enough_vectors(tmp_path, concept_dir, tiny_
 
 
 # ------------------------------------------------------------------------------------------------- training
-@pytest.mark.slow
+
 def test_training_run_writes_its_outputs_and_changes_only_the_embedding(tmp_path, concept_dir, tiny_ckpt):
     logs = tmp_path / "logs"
     trainer = entry.main(run_args(logs, tiny_ckpt, concept_dir, "--placeholder_string", "@", "--max_steps", "10",
@@ -166,7 +166,6 @@ def uninterrupted(tmp_path_factory, tiny_ckpt):
     return concept, embedding(run_dir(tmp / "logs") / "checkpoints/embeddings.pt")
 
 
-@pytest.mark.slow
 def test_resume_is_exact(tmp_path, tiny_ckpt, uninterrupted):
     concept, expected = uninterrupted
     logs = tmp_path / "logs"
@@ -177,7 +176,7 @@ def test_resume_is_exact(tmp_path, tiny_ckpt, uninterrupted):
     assert torch.allclose(embedding(run / "checkpoints/embeddings.pt"), expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.slow
+
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_saves_and_resumes_exactly(tmp_path, tiny_ckpt, uninterrupted):
     concept, expected = uninterrupted

@@ -122,7 +122,7 @@ def test_multi_token_concept_name_is_a_clear_error(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("on_clash,expected_rc", [("error", 1), pytest.param("rename", 0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("on_clash,expected_rc", [("error", 1), ("rename", 0)])
 def test_cli_never_prompts(files, tmp_path, on_clash, expected_rc):
     out = tmp_path / "merged.pt"
     cmd = [sys.executable, str(ROOT / "merge_embeddings.py"), "--manager_ckpts", str(files["a"]), str(files["b"]),

@@ -260,7 +260,6 @@ def test_evaluate_script_refuses_to_measure_nothing(tmp_path):
         evaluate_model.main(["--toy_target", "red square"])
 
 
-@pytest.mark.slow
 def test_evaluate_script_samples_a_model(tmp_path, tiny_config, tiny_ckpt):
     from conftest import build_tiny_model
     embedding = tmp_path / "embeddings.pt"
