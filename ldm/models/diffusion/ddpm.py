@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ldm.models.autoencoder import VQModelInterface
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -32,10 +33,6 @@ def freeze(module):
     for p in module.parameters():
         p.requires_grad = False
     return module
-
-
-def uniform_on_device(r1, r2, shape, device):
-    return (r1 - r2) * torch.rand(*shape, device=device) + r2
 
 
 class DDPM(pl.LightningModule):
@@ -378,8 +375,6 @@ class LatentDiffusion(DDPM):
         self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
         self.cond_stage_key = cond_stage_key
-        self.num_downs = len(first_stage_config.params.ddconfig.ch_mult) - 1 if "ddconfig" in first_stage_config.get(
-            "params", {}) else 0
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
@@ -442,16 +437,15 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):
         z = 1. / self.scale_factor * z
-        if hasattr(self.first_stage_model, "quantize") and not hasattr(self.first_stage_model, "embed_dim"):
-            return self.first_stage_model.decode(z)
-        try:
+        if isinstance(self.first_stage_model, VQModelInterface):
             return self.first_stage_model.decode(z, force_not_quantize=force_not_quantize)
-        except TypeError:
-            return self.first_stage_model.decode(z)
+        return self.first_stage_model.decode(z)
 
     def _tokens(self, texts):
         """Token ids of each caption, computed once: captions repeat every few steps in textual inversion."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._token_cache]
+        if len(self._token_cache) + len(missing) > 100_000:  # open-ended caption sets (pretraining): stay bounded
+            self._token_cache.clear()
         if missing:
             ids = self.cond_stage_model.tokenize(missing).cpu()
             self._token_cache.update(zip(missing, ids))
@@ -544,9 +538,6 @@ class LatentDiffusion(DDPM):
             cond = {__conditioning_keys__.get(self.model.conditioning_key, "c_crossattn"): cond}
         x_recon = self.model(x_noisy, t, **cond)
         return x_recon[0] if isinstance(x_recon, tuple) and not return_ids else x_recon
-
-    def p_losses(self, x_start, t, cond=None, noise=None):
-        return super().p_losses(x_start, t, cond=cond, noise=noise)
 
     # --------------------------------------------------------------- lightning
     def on_train_batch_start(self, batch, batch_idx):
