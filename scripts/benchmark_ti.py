@@ -62,17 +62,26 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_gflops(dtype, n, device, reps=3):
-    """Throughput of an n x n matmul: the machine's own yardstick for the steps' achieved GFLOP/s."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
+def matmul_gflops(dtype, max_n, device, reps=3, budget_s=1.0):
+    """Throughput of an n x n matmul: the machine's own yardstick for the steps' achieved GFLOP/s.
+
+    n doubles from 256 up to max_n while one product is predicted to take under budget_s, so that a dtype the
+    hardware lacks (bf16 on many CPUs runs at ~1 GFLOP/s) costs seconds, not minutes. Returns (GFLOP/s, n).
+    """
+    n = min(256, max_n)
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
         a @ b
-    synchronize(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / reps
+        if n * 2 > max_n or seconds * 8 > budget_s:
+            return 2 * n ** 3 / seconds / 1e9, n
+        n *= 2
 
 
 def set_gradient_checkpointing(unet, on):
@@ -185,8 +194,9 @@ def run(args):
     size = args.size or (512 if device.type == "cuda" else 256)
     _register_cpu_attention_flops()
 
-    matmul = {name: matmul_gflops(DTYPES[name], args.matmul_size, device)
-              for name in dict.fromkeys(("fp32", "bf16", args.precision))}
+    matmul, matmul_sizes = {}, {}
+    for name in dict.fromkeys(("fp32", "bf16", args.precision)):
+        matmul[name], matmul_sizes[name] = matmul_gflops(DTYPES[name], args.matmul_size, device)
     model = build_model(args.config, device, args.seed)
     set_gradient_checkpointing(model.model.diffusion_model, args.gradient_checkpointing == "on")
     batch = make_batch(model, size, args.batch_size, device, args.seed)
@@ -212,7 +222,7 @@ def run(args):
         "torch": torch.__version__, "threads": torch.get_num_threads(), "size": size,
         "batch_size": args.batch_size, "precision": args.precision,
         "gradient_checkpointing": args.gradient_checkpointing, "warmup": args.warmup, "steps": args.steps,
-        "matmul_size": args.matmul_size, "matmul_gflops": matmul,
+        "matmul_gflops": matmul, "matmul_sizes": matmul_sizes,
         "variants": results,
         "speedup": {"ours_vs_no_cache": results["ours_no_cache"]["seconds_per_step"] / ours,
                     "ours_vs_diffusers_style": results["diffusers_style"]["seconds_per_step"] / ours},
@@ -229,7 +239,8 @@ def format_table(report):
     lines = [f"{report['config']} at {report['size']}px, batch {report['batch_size']}, {report['precision']}, "
              f"gradient checkpointing {report['gradient_checkpointing']}, {report['device']} "
              f"({report['device_name']}), {report['threads']} threads, torch {report['torch']}",
-             "matmul " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in report["matmul_gflops"].items()),
+             "matmul " + ", ".join(f"{k} {v:.1f} GFLOP/s ({report['matmul_sizes'][k]}^2)"
+                                   for k, v in report["matmul_gflops"].items()),
              f"{'variant':<16} {'s/step':>9} {'GFLOP/step':>11} {'GFLOP/s':>9} {'of matmul':>10} {'peak MiB':>9}"]
     for name, r in report["variants"].items():
         peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/m"
@@ -253,7 +264,8 @@ def parse_args(argv=None):
     p.add_argument("--gradient_checkpointing", choices=("on", "off"), default="off",
                    help="UNet activation checkpointing (the original's use_checkpoint: True did nothing)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--matmul_size", type=int, default=2048)
+    p.add_argument("--matmul_size", type=int, default=2048,
+                   help="largest matmul side; smaller where one product would take over 1 s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the full results here")
     args = p.parse_args(argv)

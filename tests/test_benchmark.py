@@ -40,6 +40,7 @@ def test_json_has_every_variant_with_positive_times_and_flops(report):
         assert r["flops_per_step"] > 0 and r["achieved_gflops"] > 0
         assert r["peak_memory_mib"] is None  # not measurable on CPU
     assert report["matmul_gflops"]["fp32"] > 0 and report["matmul_gflops"]["bf16"] > 0
+    assert report["matmul_sizes"] == {"fp32": 64, "bf16": 64}  # capped by --matmul_size
     s = report["speedup"]
     assert s["ours_vs_no_cache"] == pytest.approx(
         report["variants"]["ours_no_cache"]["seconds_per_step"] / report["variants"]["ours"]["seconds_per_step"])
