@@ -26,7 +26,8 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -254,7 +255,7 @@ def format_table(report):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/stable-diffusion/v1-finetune.yaml")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs/stable-diffusion/v1-finetune.yaml"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 256 on CPU, 512 on CUDA)")
     p.add_argument("--batch_size", type=int, default=1)
