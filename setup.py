@@ -23,5 +23,5 @@ setup(
         "numpy",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest>=7", "diffusers>=0.25"]},
+    extras_require={"test": ["pytest>=7", "diffusers>=0.30"]},
 )
