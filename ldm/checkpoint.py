@@ -142,19 +142,30 @@ def load_state_dict(path, map_location="cpu"):
     return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
 
 
+def load_weights(module, path, ignore_keys=(), strict=False, verbose=True):
+    """Fill `module` from the weights file `path` (keys starting with any of `ignore_keys` left out) and report
+    the missing and unexpected keys; returns (missing, unexpected)."""
+    sd = load_state_dict(path)
+    ignored = [k for k in sd if any(k.startswith(prefix) for prefix in ignore_keys)]
+    for k in ignored:
+        del sd[k]
+    missing, unexpected = module.load_state_dict(sd, strict=strict)
+    print(f"Restored {type(module).__name__} from {path}: {len(missing)} missing, {len(unexpected)} unexpected"
+          + (f", {len(ignored)} ignored" if ignored else "") + " keys")
+    if verbose:
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                print(f"  first {label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+    return missing, unexpected
+
+
 def load_model_from_config(config, ckpt=None, device="cpu", verbose=True, strict=False):
     """Build `config.model` and fill it from `ckpt`; returns the model in eval mode on `device`."""
     if isinstance(config, (str, os.PathLike)):
         config = OmegaConf.load(config)
     model = instantiate_from_config(config.model)
     if ckpt is not None:
-        print(f"Loading model from {ckpt}")
-        missing, unexpected = model.load_state_dict(load_state_dict(ckpt), strict=strict)
-        print(f"missing keys: {len(missing)}, unexpected keys: {len(unexpected)}")
-        if verbose:
-            for label, keys in (("missing", missing), ("unexpected", unexpected)):
-                if keys:
-                    print(f"first {label}: {', '.join(keys[:5])}")
+        load_weights(model, ckpt, strict=strict, verbose=verbose)
     return model.to(device).eval()
 
 

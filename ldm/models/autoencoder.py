@@ -38,19 +38,8 @@ class _AdversarialAutoencoder(pl.LightningModule):
             self.monitor = monitor
 
     def init_from_ckpt(self, path, ignore_keys=()):
-        from ldm.checkpoint import load_state_dict
-
-        sd = load_state_dict(path)
-        for k in list(sd):
-            if any(k.startswith(ik) for ik in ignore_keys):
-                print(f"Deleting key {k} from state_dict.")
-                del sd[k]
-        missing, unexpected = self.load_state_dict(sd, strict=False)
-        print(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
-        if missing:
-            print(f"Missing keys: {missing}")
-        if unexpected:
-            print(f"Unexpected keys: {unexpected}")
+        from ldm.checkpoint import load_weights
+        load_weights(self, path, ignore_keys)
 
     def get_input(self, batch, k):
         """Images are stored (b, h, w, c) in [-1, 1]; the networks take (b, c, h, w)."""

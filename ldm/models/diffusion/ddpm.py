@@ -149,19 +149,8 @@ class DDPM(pl.LightningModule):
                     print(f"{context}: Restored training weights")
 
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
-        from ldm.checkpoint import load_state_dict
-        sd = load_state_dict(path)
-        for k in list(sd):
-            if any(k.startswith(ik) for ik in ignore_keys):
-                print(f"Deleting key {k} from state_dict.")
-                del sd[k]
-        target = self.model if only_model else self
-        missing, unexpected = target.load_state_dict(sd, strict=False)
-        print(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
-        if missing:
-            print(f"Missing Keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            print(f"Unexpected Keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        from ldm.checkpoint import load_weights
+        load_weights(self.model if only_model else self, path, ignore_keys)
 
     # ------------------------------------------------------------ diffusion math
     def q_mean_variance(self, x_start, t):
