@@ -150,8 +150,8 @@ def load_weights(module, path, ignore_keys=(), strict=False, verbose=True):
     for k in ignored:
         del sd[k]
     missing, unexpected = module.load_state_dict(sd, strict=strict)
-    print(f"Restored {type(module).__name__} from {path}: {len(missing)} missing, {len(unexpected)} unexpected"
-          + (f", {len(ignored)} ignored" if ignored else "") + " keys")
+    print(f"Restored {type(module).__name__} from {path}: missing keys: {len(missing)}, unexpected keys: "
+          f"{len(unexpected)}" + (f", ignored keys: {len(ignored)}" if ignored else ""))
     if verbose:
         for label, keys in (("missing", missing), ("unexpected", unexpected)):
             if keys:
