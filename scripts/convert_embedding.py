@@ -30,6 +30,13 @@ def convert(input_path, output_path, to, name=None, tokenizer="clip"):
             if tokens[string] is None:
                 raise ValueError(f"{string!r} is not a single {tokenizer} token, so it cannot be an official "
                                  "placeholder; pass --name with one (e.g. --name '*')")
+    if to == "diffusers":
+        lookup = single_token_lookup(tokenizer)
+        for string in vectors:
+            if lookup(string) is not None:  # diffusers refuses to add a token the tokenizer already has
+                print(f"note: {string!r} is already a word of the tokenizer; diffusers will load this file only "
+                      f"with load_textual_inversion(path, token='<new-token>'), or convert again with --name "
+                      f"'<my-concept>'", file=sys.stderr)
     save_embedding_file(output_path, vectors, tokens=tokens, name=name or emb.name, step=emb.step, fmt=to)
     return emb.format
 
