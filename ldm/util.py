@@ -52,7 +52,7 @@ def count_params(model, verbose=False):
     return total
 
 
-def _font(size):
+def load_font(size):
     # The original loaded data/DejaVuSans.ttf from a fixed path; fall back to PIL's bundled font.
     for name in ("DejaVuSans.ttf", "Arial.ttf"):
         try:
@@ -68,7 +68,7 @@ def _font(size):
 def log_txt_as_img(wh, xc, size=10):
     """Render each caption in `xc` onto a white image of size `wh`; returns a [-1, 1] tensor (b, 3, h, w)."""
     w, h = wh
-    font = _font(size)
+    font = load_font(size)
     chars_per_line = max(1, int(40 * (w / 256)))
     out = []
     for text in xc:

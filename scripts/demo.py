@@ -48,16 +48,19 @@ def evaluate(images_dir, prompt, json_path):
     return json.loads(Path(json_path).read_text())
 
 
-def grid_png(rows, path, scale=3):
-    """Rows of PNG files -> one image, a row per list, 16 columns at most, upscaled for viewing."""
-    from PIL import Image
+def grid_png(rows, labels, path, scale=3, label_width=190):
+    """Rows of PNG files -> one labelled image, 16 columns at most, upscaled for viewing."""
+    from PIL import Image, ImageDraw
+    from ldm.util import load_font
     cols = max(len(r) for r in rows)
     cell = 32 * scale + 4
-    out = Image.new("RGB", (cols * cell + 4, len(rows) * cell + 4), (40, 40, 40))
-    for i, row in enumerate(rows):
+    out = Image.new("RGB", (label_width + cols * cell + 4, len(rows) * cell + 4), (40, 40, 40))
+    draw, font = ImageDraw.Draw(out), load_font(16)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        draw.text((8, 4 + i * cell + cell // 2 - 10), label, fill="white", font=font)
         for j, f in enumerate(row):
             img = Image.open(f).convert("RGB").resize((32 * scale, 32 * scale), Image.Resampling.NEAREST)
-            out.paste(img, (4 + j * cell, 4 + i * cell))
+            out.paste(img, (label_width + 4 + j * cell, 4 + i * cell))
     out.save(path)
     return path
 
@@ -106,8 +109,9 @@ def main(argv=None):
         images = sorted((folder / "samples").glob("*.png"))
         report = evaluate(folder / "samples", prompt, out / f"{key}.json")
         results[key] = {"prompt": prompt, **report["generated"]}
-        rows.append(images[:16])
-    grid = grid_png(rows, out / "demo_grid.png")
+        rows.append(images[:12])
+    labels = ["concept images", "a photo of a triangle", "a photo of *"]
+    grid = grid_png(rows, labels, out / "demo_grid.png")
     summary = {"target": TARGET, "embedding": str(embedding), "n_samples": opt.n_samples, "train_seed": opt.seed,
                "sample_seed": opt.sample_seed, "ddim_steps": opt.ddim_steps, "scale": opt.scale,
                "results": results, "seconds": {**times, "total_s": time.time() - start}}
