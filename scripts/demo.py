@@ -77,6 +77,8 @@ def main(argv=None):
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=23, help="training seed")
+    p.add_argument("overrides", nargs="*", help="config overrides for main.py, e.g. "
+                   "model.params.personalization_config.params.num_vectors_per_token=2")
     p.add_argument("--sample_seed", type=int, default=42)
     opt = p.parse_args(argv)
     from ldm.data.personalized import list_images
@@ -98,6 +100,7 @@ def main(argv=None):
              "--accelerator", "cpu", "--no-test", "true"]
     if opt.max_steps:
         train += ["--max_steps", opt.max_steps]
+    train += opt.overrides
     times = {"train_s": run(train, "textual inversion of the demo concept")}
     embedding = newest_run(logdir) / "checkpoints" / "embeddings.pt"
 
