@@ -3,7 +3,7 @@
 Both trainable models are GANs with two optimizers (autoencoder, discriminator). Lightning 2 dropped
 `optimizer_idx`, so they optimise manually: per batch, one autoencoder step, then one discriminator step.
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pytorch_lightning as pl
@@ -204,21 +204,9 @@ class VQModel(_AdversarialAutoencoder):
         self.scheduler_config = scheduler_config
         self.lr_g_factor = lr_g_factor
 
-    @contextmanager
     def ema_scope(self, context=None):
-        """Temporarily swap in the EMA weights (a no-op without use_ema)."""
-        if self.use_ema:
-            self.model_ema.store(self.parameters())
-            self.model_ema.copy_to(self)
-            if context is not None:
-                print(f"{context}: Switched to EMA weights")
-        try:
-            yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.parameters())
-                if context is not None:
-                    print(f"{context}: Restored training weights")
+        """Temporarily swap in the EMA weights (a no-op without EMA)."""
+        return self.model_ema.swapped_in(self, context) if self.use_ema else nullcontext()
 
     def on_train_batch_end(self, *args, **kwargs):
         if self.use_ema:

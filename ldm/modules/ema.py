@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -44,3 +46,17 @@ class LitEma(nn.Module):
     def restore(self, parameters):
         for c, p in zip(self.collected_params, parameters):
             p.data.copy_(c.data)
+
+    @contextmanager
+    def swapped_in(self, model, context=None):
+        """Use the EMA weights in `model` for the duration of the block, then put the training weights back."""
+        self.store(model.parameters())
+        self.copy_to(model)
+        if context is not None:
+            print(f"{context}: Switched to EMA weights")
+        try:
+            yield
+        finally:
+            self.restore(model.parameters())
+            if context is not None:
+                print(f"{context}: Restored training weights")

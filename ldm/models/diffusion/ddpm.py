@@ -4,7 +4,7 @@ LatentDiffusion also carries textual inversion: with a `personalization_config` 
 EmbeddingManager, freezes the UNet and the text encoder, and trains only the manager's vectors.
 """
 import os
-from contextlib import contextmanager
+from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
@@ -132,21 +132,9 @@ class DDPM(pl.LightningModule):
         self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
         assert not torch.isnan(self.lvlb_weights).any()
 
-    @contextmanager
     def ema_scope(self, context=None):
         """Temporarily swap in the EMA weights (a no-op without EMA)."""
-        if self.use_ema:
-            self.model_ema.store(self.model.parameters())
-            self.model_ema.copy_to(self.model)
-            if context is not None:
-                print(f"{context}: Switched to EMA weights")
-        try:
-            yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.model.parameters())
-                if context is not None:
-                    print(f"{context}: Restored training weights")
+        return self.model_ema.swapped_in(self.model, context) if self.use_ema else nullcontext()
 
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
         from ldm.checkpoint import load_weights
