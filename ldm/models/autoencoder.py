@@ -3,7 +3,7 @@
 Both trainable models are GANs with two optimizers (autoencoder, discriminator). Lightning 2 dropped
 `optimizer_idx`, so they optimise manually: per batch, one autoencoder step, then one discriminator step.
 """
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import pytorch_lightning as pl
