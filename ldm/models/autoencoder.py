@@ -69,28 +69,22 @@ class _AdversarialAutoencoder(pl.LightningModule):
         x = self.get_input(batch, self.image_key)
         outputs = self._reconstruct(x)
 
-        with self.toggled_optimizer(opt_ae):
-            aeloss, log_ae = self._loss(x, outputs, 0, step, "train")
-            opt_ae.zero_grad()
-            self.manual_backward(aeloss)
-            opt_ae.step()
-        if sched_ae is not None:
-            sched_ae.step()
-        self.log("aeloss", aeloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True)
-        self.log_dict(log_ae, prog_bar=False, logger=True, on_step=True, on_epoch=False)
-
+        self._optimizer_step(opt_ae, sched_ae, x, outputs, 0, step, "aeloss")
         # Before disc_start the discriminator's loss has weight 0: its step would change nothing.
-        if not self.loss.discriminator_active(step):
-            return
-        with self.toggled_optimizer(opt_disc):
-            discloss, log_disc = self._loss(x, outputs, 1, step, "train")
-            opt_disc.zero_grad()
-            self.manual_backward(discloss)
-            opt_disc.step()
-        if sched_disc is not None:
-            sched_disc.step()
-        self.log("discloss", discloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True)
-        self.log_dict(log_disc, prog_bar=False, logger=True, on_step=True, on_epoch=False)
+        if self.loss.discriminator_active(step):
+            self._optimizer_step(opt_disc, sched_disc, x, outputs, 1, step, "discloss")
+
+    def _optimizer_step(self, opt, sched, x, outputs, optimizer_idx, step, name):
+        """One step of the autoencoder (optimizer_idx 0) or the discriminator (1), with its logging."""
+        with self.toggled_optimizer(opt):
+            loss, log = self._loss(x, outputs, optimizer_idx, step, "train")
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        if sched is not None:
+            sched.step()
+        self.log(name, loss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        self.log_dict(log, prog_bar=False, logger=True, on_step=True, on_epoch=False)
 
     def _validation_step(self, batch, split):
         x = self.get_input(batch, self.image_key)
