@@ -44,7 +44,8 @@ class DDPM(pl.LightningModule):
                  linear_end=2e-2, cosine_s=8e-3, given_betas=None, original_elbo_weight=0.,
                  embedding_reg_weight=0., unfreeze_model=False, model_lr=0., v_posterior=0.,
                  l_simple_weight=1., conditioning_key=None, parameterization="eps", scheduler_config=None,
-                 use_positional_encodings=False, learn_logvar=False, logvar_init=0.):
+                 use_positional_encodings=False, learn_logvar=False, logvar_init=0., min_timestep=0,
+                 max_timestep=None):
         super().__init__()
         if parameterization not in ("eps", "x0"):
             raise ValueError(f"parameterization must be 'eps' or 'x0', got {parameterization!r}")
@@ -76,6 +77,13 @@ class DDPM(pl.LightningModule):
             self.monitor = monitor
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
                                linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        # Training draws t uniformly from [min_timestep, max_timestep) (not in the original; as in kohya's
+        # sd-scripts). Layout is decided at high noise: a concept's size and place are learned there.
+        self.min_timestep = min_timestep
+        self.max_timestep = self.num_timesteps if max_timestep is None else max_timestep
+        if not 0 <= self.min_timestep < self.max_timestep <= self.num_timesteps:
+            raise ValueError(f"need 0 <= min_timestep < max_timestep <= timesteps ({self.num_timesteps}), got "
+                             f"min_timestep={min_timestep}, max_timestep={max_timestep}")
         self.loss_type = loss_type
         self.learn_logvar = learn_logvar
         logvar = torch.full((self.num_timesteps,), logvar_init)
@@ -257,7 +265,8 @@ class DDPM(pl.LightningModule):
         return loss, loss_dict
 
     def sample_timesteps(self, n, device):
-        return torch.randint(0, self.num_timesteps, (n,), generator=self.noise_generator(), device=device)
+        return torch.randint(self.min_timestep, self.max_timestep, (n,), generator=self.noise_generator(),
+                             device=device)
 
     def forward(self, x, *args, **kwargs):
         return self.p_losses(x, self.sample_timesteps(x.shape[0], x.device), *args, **kwargs)
@@ -282,12 +291,14 @@ class DDPM(pl.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
+        n = len(batch[self.first_stage_key])  # told to Lightning, which cannot infer it from a dict batch
         _, loss_dict = self.shared_step(batch)
-        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True)
+        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
         if self.use_ema:
             with self.ema_scope():
                 _, loss_dict_ema = self.shared_step(batch)
-            self.log_dict({k + "_ema": v for k, v in loss_dict_ema.items()}, logger=True, on_epoch=True)
+            self.log_dict({k + "_ema": v for k, v in loss_dict_ema.items()}, logger=True, on_epoch=True,
+                          batch_size=n)
 
     def on_train_batch_end(self, *args, **kwargs):
         if self.use_ema:
