@@ -75,7 +75,7 @@ def main(argv=None):
     p.add_argument("--max_steps", type=int, default=None, help="training steps (default: the config's)")
     p.add_argument("--n_samples", type=int, default=64)
     p.add_argument("--ddim_steps", type=int, default=50)
-    p.add_argument("--scale", type=float, default=7.5)
+    p.add_argument("--scale", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=23, help="training seed")
     p.add_argument("overrides", nargs="*", help="config overrides for main.py, e.g. "
                    "model.params.personalization_config.params.num_vectors_per_token=2")
