@@ -9,20 +9,8 @@ from ldm.modules.diffusionmodules.util import extract_into_tensor
 class DDIMSampler(DDIMScheduleSampler):
     desc = "DDIM Sampler"
 
-    @torch.no_grad()
-    def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None,
-               img_callback=None, quantize_x0=False, eta=0., mask=None, x0=None, temperature=1., noise_dropout=0.,
-               score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None, log_every_t=100,
-               unconditional_guidance_scale=1., unconditional_conditioning=None, generator=None, **kwargs):
-        """Draw `batch_size` latents of `shape` (C, H, W) in `S` steps; returns (samples, intermediates)."""
-        x = self.start(S, batch_size, shape, conditioning, eta, verbose, x_T, generator)
-        step_kwargs = dict(quantize_denoised=quantize_x0, temperature=temperature, noise_dropout=noise_dropout,
-                           score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
-                           unconditional_guidance_scale=unconditional_guidance_scale,
-                           unconditional_conditioning=unconditional_conditioning)
-        step = lambda x, t, t_next, index: self.p_sample_ddim(x, conditioning, t, index, **step_kwargs)
-        return self.sampling_loop(step, x, self.ddim_timesteps, mask=mask, x0=x0, callback=callback,
-                                  img_callback=img_callback, log_every_t=log_every_t, verbose=verbose)
+    def stepper(self, conditioning, step_kwargs):
+        return lambda x, t, t_next, index: self.p_sample_ddim(x, conditioning, t, index, **step_kwargs)
 
     @torch.no_grad()
     def p_sample_ddim(self, x, c, t, index, repeat_noise=False, use_original_steps=False, quantize_denoised=False,

@@ -23,18 +23,8 @@ class PLMSSampler(DDIMScheduleSampler):
             raise ValueError("ddim_eta must be 0 for PLMS")
         super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose)
 
-    @torch.no_grad()
-    def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None,
-               img_callback=None, quantize_x0=False, eta=0., mask=None, x0=None, temperature=1., noise_dropout=0.,
-               score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None, log_every_t=100,
-               unconditional_guidance_scale=1., unconditional_conditioning=None, generator=None, **kwargs):
-        """Draw `batch_size` latents of `shape` (C, H, W) in `S` steps; returns (samples, intermediates)."""
-        x = self.start(S, batch_size, shape, conditioning, eta, verbose, x_T, generator)
-        step_kwargs = dict(quantize_denoised=quantize_x0, temperature=temperature, noise_dropout=noise_dropout,
-                           score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
-                           unconditional_guidance_scale=unconditional_guidance_scale,
-                           unconditional_conditioning=unconditional_conditioning)
-        old_eps = []
+    def stepper(self, conditioning, step_kwargs):
+        old_eps = []  # this call's history of noise estimates, newest last
 
         def step(x, t, t_next, index):
             x_prev, pred_x0, e_t = self.p_sample_plms(x, conditioning, t, index, old_eps=old_eps, t_next=t_next,
@@ -42,8 +32,7 @@ class PLMSSampler(DDIMScheduleSampler):
             old_eps[:] = (old_eps + [e_t])[-3:]
             return x_prev, pred_x0
 
-        return self.sampling_loop(step, x, self.ddim_timesteps, mask=mask, x0=x0, callback=callback,
-                                  img_callback=img_callback, log_every_t=log_every_t, verbose=verbose)
+        return step
 
     @torch.no_grad()
     def p_sample_plms(self, x, c, t, index, repeat_noise=False, use_original_steps=False, quantize_denoised=False,

@@ -136,8 +136,16 @@ class DDIMScheduleSampler:
         x_prev = a_prev.sqrt() * pred_x0 + dir_xt + noise
         return x_prev.to(x.dtype), pred_x0.to(x.dtype)
 
-    def start(self, S, batch_size, shape, conditioning, eta, verbose, x_T, generator):
-        """Common preamble of `sample`: check the batch, build the schedule, draw x_T."""
+    @torch.no_grad()
+    def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None,
+               img_callback=None, quantize_x0=False, eta=0., mask=None, x0=None, temperature=1., noise_dropout=0.,
+               score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None, log_every_t=100,
+               unconditional_guidance_scale=1., unconditional_conditioning=None, generator=None, **kwargs):
+        """Draw `batch_size` latents of `shape` (C, H, W) in `S` steps; returns (samples, intermediates).
+
+        The original's signature (unused arguments included, so old callers keep working); the sampler
+        subclass supplies the per-step update through `stepper`.
+        """
         if conditioning is not None and conditioning_batch_size(conditioning) != batch_size:
             print(f"Warning: Got {conditioning_batch_size(conditioning)} conditionings but batch-size is {batch_size}")
         self.generator = generator
@@ -145,9 +153,18 @@ class DDIMScheduleSampler:
         size = (batch_size, *shape)
         if verbose:
             print(f"Data shape for {self.desc} sampling is {size}, eta {eta}")
-        if x_T is None:
-            return self.randn(size).to(model_dtype(self.model))
-        return x_T.to(self.device)
+        x = self.randn(size).to(model_dtype(self.model)) if x_T is None else x_T.to(self.device)
+        step = self.stepper(conditioning, dict(
+            quantize_denoised=quantize_x0, temperature=temperature, noise_dropout=noise_dropout,
+            score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
+            unconditional_guidance_scale=unconditional_guidance_scale,
+            unconditional_conditioning=unconditional_conditioning))
+        return self.sampling_loop(step, x, self.ddim_timesteps, mask=mask, x0=x0, callback=callback,
+                                  img_callback=img_callback, log_every_t=log_every_t, verbose=verbose)
+
+    def stepper(self, conditioning, step_kwargs):
+        """-> step(x, t, t_next, index) -> (x_prev, pred_x0) for one `sample` call."""
+        raise NotImplementedError
 
     def sampling_loop(self, step, x, timesteps, mask=None, x0=None, callback=None, img_callback=None,
                       log_every_t=100, verbose=True, desc=None):
