@@ -299,3 +299,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
     def encode(self, text, **kwargs):
         return self(text, **kwargs)
+
+
+# SD 2.x and SDXL encoders, importable under the original module path as Stability's configs name them.
+from ldm.modules.encoders.open_clip import FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2  # noqa: E402,F401
