@@ -6,7 +6,9 @@ exported under the official keys, so both the architecture and the key layout ar
 import pytest
 import safetensors.torch
 import torch
+from conftest import build_tiny_model
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+from omegaconf import OmegaConf
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -338,3 +340,27 @@ def test_sdxl_bad_options():
         FrozenCLIPEmbedderHidden(config=TINY_CLIP, layer_idx=4)
     with pytest.raises(ValueError, match="layer must be 'hidden'"):
         FrozenCLIPEmbedderHidden(config=TINY_CLIP, layer="last")
+
+
+# ---------------------------------------------------------------- in LatentDiffusion, as Stability's configs use it
+
+def test_tiny_sd2_style_ldm_trains_only_the_embedding_through_the_openclip_encoder(tiny_finetune_config_path):
+    """A tiny LatentDiffusion with the SD 2.x encoder (as `cond_stage_config` names it) takes a textual-inversion
+    step: the gradient reaches the placeholder's vector through the OpenCLIP tower and nothing else trains."""
+    config = OmegaConf.load(tiny_finetune_config_path)
+    config.model.params.cond_stage_config = OmegaConf.create({
+        "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+        "params": {"freeze": True, "layer": "penultimate", "config": {"width": 32, "layers": 2, "heads": 2}}})
+    model = build_tiny_model(config)
+    assert isinstance(model.cond_stage_model, FrozenOpenCLIPEmbedder)
+    keys = model.state_dict()
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert "cond_stage_model.model.text_projection" in keys and "cond_stage_model.model.logit_scale" in keys
+    model.train()
+    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": ["a photo of *", "a rendition of *"]}
+    loss, _ = model.shared_step(batch)
+    loss.backward()
+    vector = model.embedding_manager.string_to_param_dict["*"]
+    assert vector.grad is not None and vector.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.cond_stage_model.parameters())
+    assert all(p.grad is None for p in model.model.parameters())
