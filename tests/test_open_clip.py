@@ -18,6 +18,7 @@ from ldm.modules.encoders.clip_hidden import FrozenCLIPEmbedderHidden
 from ldm.modules.encoders.modules import (
     BERTEmbedder, ClassEmbedder, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2,
 )
+from ldm.util import instantiate_from_config
 
 SD2_PREFIX = "cond_stage_model.model."
 SDXL_G_PREFIX = "conditioner.embedders.1.model."
@@ -162,31 +163,42 @@ def test_sdxl_clip_l_hidden_layer_matches_clip_text_model_hidden_states(sdxl_l_t
 
 # ---------------------------------------------------------------- (b) full-size parameter counts (meta device)
 
+# The encoders' `target`/`params` in Stability's configs: stablediffusion's v2-inference.yaml and
+# generative-models' sd_xl_base.yaml (its first encoder is sgm's FrozenCLIPEmbedder; ours is in clip_hidden).
+SD2_COND_STAGE = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                  "params": {"freeze": True, "layer": "penultimate"}}
+SDXL_EMBEDDER_0 = {"target": "ldm.modules.encoders.clip_hidden.FrozenCLIPEmbedderHidden",
+                   "params": {"layer": "hidden", "layer_idx": 11}}
+SDXL_EMBEDDER_1 = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+                   "params": {"arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k", "freeze": True,
+                              "layer": "penultimate", "always_return_pooled": True, "legacy": False}}
+
+
 def test_vit_h_text_tower_parameter_count_on_meta_device():
     with torch.device("meta"):
-        ours = FrozenOpenCLIPEmbedder(layer="penultimate")
+        ours = instantiate_from_config(SD2_COND_STAGE)
         reference = CLIPTextModel(hf_text_config(1024, 24, 16, 1024))
     # "24 layers + embeddings + final LayerNorm": text_projection and logit_scale are CLIP heads, not the tower;
     # a CLIPTextModel has neither. SD 2.x uses neither, but both are in its checkpoint, so we hold them.
     assert count(ours, skip=("text_projection", "logit_scale")) == 352_984_064 == count(reference)
     assert count(ours) == 352_984_064 + 1024 * 1024 + 1
-    assert ours.embedding_dim == 1024 and ours.model.num_layers == 24
+    assert ours.embedding_dim == 1024 and ours.model.num_layers == 24 and ours.layer == "penultimate"
 
 
 def test_vit_bigg_text_tower_parameter_count_on_meta_device():
     with torch.device("meta"):
-        ours = FrozenOpenCLIPEmbedder2(arch="ViT-bigG-14", version="laion2b_s39b_b160k", layer="penultimate",
-                                       always_return_pooled=True, legacy=False)
+        ours = instantiate_from_config(SDXL_EMBEDDER_1)
         reference = CLIPTextModelWithProjection(hf_text_config(1280, 32, 20, 1280))
     # CLIPTextModelWithProjection includes text_projection (no bias); logit_scale is the only extra scalar.
     assert count(ours, skip=("logit_scale",)) == 694_659_840 == count(reference)
-    assert ours.embedding_dim == 1280 and ours.model.num_layers == 32 and ours.model.transformer.resblocks[0].attn.heads == 20
+    assert ours.embedding_dim == 1280 and ours.model.num_layers == 32
+    assert ours.model.transformer.resblocks[0].attn.heads == 20
 
 
 def test_sdxl_clip_l_keeps_the_whole_vit_l_tower():
     with torch.device("meta"):
-        ours = FrozenCLIPEmbedderHidden(layer="hidden", layer_idx=11)
-    assert count(ours) == 123_060_480
+        ours = instantiate_from_config(SDXL_EMBEDDER_0)
+    assert count(ours) == 123_060_480 and ours.layer_idx == 11
     assert ours.transformer.config.hidden_act == "quick_gelu"
 
 
