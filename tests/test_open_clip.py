@@ -146,10 +146,10 @@ def test_sdxl_bigg_other_layers_and_legacy_mode(sdxl_g_tiny):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("layer_idx", [2, 3])
-def test_sdxl_clip_l_hidden_layer_matches_clip_text_model_hidden_states(sdxl_l_tiny, layer_idx):
+@pytest.mark.parametrize("layer_idx, attn", [(2, "sdpa"), (2, "eager"), (3, "sdpa")])
+def test_sdxl_clip_l_hidden_layer_matches_clip_text_model_hidden_states(sdxl_l_tiny, layer_idx, attn):
     """Stability's FrozenCLIPEmbedder(layer="hidden", layer_idx=11) is transformers' hidden_states[11] (= [-2])."""
-    encoder = FrozenCLIPEmbedderHidden(config=TINY_CLIP, layer_idx=layer_idx)
+    encoder = FrozenCLIPEmbedderHidden(config={**TINY_CLIP, "attn_implementation": attn}, layer_idx=layer_idx)
     encoder.load_state_dict(sdxl_l_tiny.state_dict())
     sd = {SDXL_L_PREFIX + k: v for k, v in encoder.state_dict().items()}
     assert SDXL_L_PREFIX + "transformer.text_model.encoder.layers.2.mlp.fc2.weight" in sd  # all layers kept: keys unchanged
