@@ -58,11 +58,11 @@ class FrozenCLIPEmbedderHidden(FrozenCLIPEmbedder):
 
     def __init__(self, version=CLIP_VIT_L14, device=None, max_length=77, freeze=True, config=None, layer="hidden",
                  layer_idx=11):
-        super().__init__(version=version, device=device, max_length=max_length, freeze=freeze, config=config)
-        num_layers = self.transformer.config.num_hidden_layers
         if layer != "hidden":
             raise ValueError(f"FrozenCLIPEmbedderHidden: layer must be 'hidden', not {layer!r}; "
                              "use FrozenCLIPEmbedder for the last layer.")
+        super().__init__(version=version, device=device, max_length=max_length, freeze=freeze, config=config)
+        num_layers = self.transformer.config.num_hidden_layers
         if not 0 <= layer_idx <= num_layers:
             raise ValueError(f"FrozenCLIPEmbedderHidden: layer_idx {layer_idx} is outside 0..{num_layers} "
                              "(the number of layers run).")
