@@ -82,7 +82,7 @@ class OpenCLIPTextTower(nn.Module):
 
     def __init__(self, width, layers, heads, embed_dim, context_length=MAX_LENGTH, vocab_size=VOCAB_SIZE):
         super().__init__()
-        # Registration order as OpenCLIP's: the root parameters, then transformer, token_embedding, ln_final.
+        # state_dict order as OpenCLIP's: own parameters, then transformer, token_embedding, ln_final.
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
