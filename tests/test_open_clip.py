@@ -376,3 +376,27 @@ def test_tiny_sd2_style_ldm_trains_only_the_embedding_through_the_openclip_encod
     assert vector.grad is not None and vector.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.cond_stage_model.parameters())
     assert all(p.grad is None for p in model.model.parameters())
+
+
+@pytest.mark.slow
+@torch.no_grad()
+@pytest.mark.parametrize("which", ["sd2", "sdxl_g"])
+def test_full_size_towers_match_transformers(which):
+    """The real shapes (random weights): ViT-H penultimate vs diffusers' 23-layer SD 2.x encoder, bigG penultimate
+    and pooled vs CLIPTextModelWithProjection, through diffusers' converters. ~3 GB (ViT-H) / ~6 GB (bigG)."""
+    torch.manual_seed(0)
+    if which == "sd2":
+        ours, prefix = instantiate_from_config(SD2_COND_STAGE), SD2_PREFIX
+        hf = CLIPTextModel(hf_text_config(1024, 23, 16, 1024))
+    else:
+        ours, prefix = instantiate_from_config(SDXL_EMBEDDER_1), SDXL_G_PREFIX
+        hf = CLIPTextModelWithProjection(hf_text_config(1280, 32, 20, 1280))
+    load_converted(hf, convert_open_clip_checkpoint(hf, official(ours, prefix), prefix=prefix))
+    tokens = ours.tokenize(PROMPTS)
+    out = hf(input_ids=tokens, output_hidden_states=True)
+    if which == "sd2":
+        torch.testing.assert_close(ours.encode_tokens(tokens), out.last_hidden_state, rtol=0, atol=1e-5)
+    else:
+        hidden, pooled = ours.encode_tokens(tokens)
+        torch.testing.assert_close(hidden, out.hidden_states[-2], rtol=0, atol=1e-5)
+        torch.testing.assert_close(pooled, out.text_embeds, rtol=0, atol=1e-5)
