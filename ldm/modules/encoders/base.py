@@ -2,8 +2,8 @@
 
 It is a runtime-checkable `typing.Protocol`, not a base class, because the encoders that already exist
 (FrozenCLIPEmbedder, BERTEmbedder) and any encoder a user names with `target:` in a YAML config satisfy it by
-shape alone, without inheriting from us; `isinstance(encoder, TextEncoder)` still gives a cheap check (member
-presence, not signatures) where a config is instantiated, so a wrong class fails with a clear message.
+shape alone, without inheriting from us. `isinstance(encoder, TextEncoder)` checks member presence (not
+signatures), enough for the code that instantiates a config to refuse a wrong class with a clear message.
 
 Two facts about an encoder are derived rather than required, so the existing encoders need no change:
 `is_single_token` (a placeholder must be exactly one token) and `embedding_key` (the key of this encoder's
