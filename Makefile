@@ -13,8 +13,6 @@ $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	# the CLIP BPE file lives in clip-anytorch; its own dependencies would pull torchvision
-	$(BIN)/python -m pip install --quiet --no-deps clip-anytorch==2.6.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
