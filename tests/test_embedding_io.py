@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointSecurityError
-from ldm.modules.embedding_io import FORMATS, EmbeddingFile, load_embedding_file, save_embedding_file
+from ldm.modules.embedding_io import (
+    FORMATS, EmbeddingFamilyError, EmbeddingFile, load_embedding_file, save_embedding_file,
+)
 
 D = 8
 
@@ -65,6 +67,10 @@ ROUND_TRIPS = [
 ]
 
 
+# AUTOMATIC1111 names these by their file name, whatever name they store; the others by their stored strings.
+NAMED_BY_FILE = ("a1111", "a1111-safetensors", "kohya")
+
+
 @pytest.mark.parametrize("fmt,filename,vectors,tokens,name,step", ROUND_TRIPS)
 def test_round_trip_every_format(tmp_path, fmt, filename, vectors, tokens, name, step):
     path = tmp_path / "nested" / filename
@@ -72,11 +78,12 @@ def test_round_trip_every_format(tmp_path, fmt, filename, vectors, tokens, name,
     loaded = load_embedding_file(path)
     assert isinstance(loaded, EmbeddingFile)
     assert loaded.format == fmt
-    assert list(loaded.vectors) == list(vectors)
-    for key, vec in vectors.items():
+    keys = [path.stem] if fmt in NAMED_BY_FILE else list(vectors)
+    assert list(loaded.vectors) == keys
+    for key, vec in zip(keys, vectors.values()):
         assert loaded.vectors[key].dtype == torch.float32
         assert torch.equal(loaded.vectors[key], vec)
-    assert loaded.tokens == (tokens or {k: None for k in vectors})
+    assert loaded.tokens == (tokens or {k: None for k in keys})
     assert loaded.name == name and loaded.step == step
     assert [p.name for p in path.parent.iterdir()] == [filename]  # no temp file left behind
     _raw(path)  # plain tensors: weights_only / safetensors readers accept it
@@ -199,13 +206,13 @@ def test_save_errors(tmp_path):
         save_embedding_file(tmp_path / "e.pt", {"*": _vec(1)}, fmt="a1111-safetensors")
     with pytest.raises(ValueError, match=r"\[d\] or \[n, d\]"):
         save_embedding_file(tmp_path / "e.pt", {"*": torch.zeros(1, 2, 3)}, tokens={"*": 1})
-    assert set(FORMATS) == {"official", "a1111", "a1111-safetensors", "diffusers", "kohya"}
+    assert set(FORMATS) == {"official", "a1111", "a1111-png", "a1111-safetensors", "diffusers", "kohya"}
 
 
 def test_sdxl_and_unknown_layouts_are_clear_errors(tmp_path):
     sdxl = tmp_path / "xl.safetensors"
     safetensors.torch.save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(sdxl))
-    with pytest.raises(ValueError, match="SDXL.*SD1"):
+    with pytest.raises(EmbeddingFamilyError, match=r"xl.safetensors is SDXL \(clip_l 768 \+ clip_g 1280\)"):
         load_embedding_file(sdxl)
     model = tmp_path / "model.pt"
     torch.save({"conv.weight": torch.zeros(2, 2, 3, 3), "epoch": 3}, model)
