@@ -289,3 +289,19 @@ def load_embeddings(model, paths, placeholder_strings=None, config="the model's 
         manager.load(paths, placeholder_strings=placeholder_strings)
     except (ValueError, OSError) as err:  # unreadable file, other model family, name clash, count mismatch
         raise EmbeddingLoadError(f"Could not load embeddings from {', '.join(map(str, paths))}: {err}") from err
+
+
+# Which tokenizer gives the token ids of each single-encoder family (OpenCLIP uses OpenAI's BPE vocabulary).
+FAMILY_TOKENIZERS = {(768,): "clip", (1024,): "clip", (1280,): "bert"}
+# Families by the names the command-line tools take.
+FAMILY_NAMES = {"sd-v1": (768,), "sd-2": (1024,), "ldm-1.4b": (1280,)}
+
+
+def check_tokenizer(path, widths, tokenizer):
+    """Refuse token ids from `tokenizer` for a file of a known family that uses the other tokenizer."""
+    expected = FAMILY_TOKENIZERS.get(tuple(widths))
+    if expected is not None and tokenizer != expected:
+        users = " / ".join(describe_widths(w) for w, t in FAMILY_TOKENIZERS.items() if t == tokenizer)
+        raise EmbeddingFamilyError(
+            f"{path} is {describe_widths(widths)}, whose placeholders are {expected} tokens; the {tokenizer} "
+            f"tokenizer is for {users}.")
