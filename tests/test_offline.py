@@ -4,6 +4,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import transformers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,7 +64,10 @@ def test_tokenizer_writes_nothing_to_home(tmp_path):
     """, home)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
-    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+    written = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+    # transformers 4.x itself writes a one-byte cache-layout marker when it is imported; 5.x writes nothing.
+    allowed = [".cache/huggingface/hub/version.txt"] if transformers.__version__.startswith("4.") else []
+    assert written == allowed
 
 
 def test_tokenizer_encoder_training_step_and_sampling_with_sockets_disabled(tmp_path):
