@@ -128,7 +128,7 @@ class EmbeddingManager(nn.Module):
 
         A placeholder with several vectors takes several positions: the following tokens shift right and the
         row is cut back to n. A row that overflows keeps its last token (end/pad), as the tokenizer's truncation
-        does.
+        does. Concepts named by several tokens take the general path, _replace_sequences.
         """
         if not self.string_to_param_dict:
             return embedded_text
@@ -243,7 +243,7 @@ class EmbeddingManager(nn.Module):
         AUTOMATIC1111 .pt/.safetensors file to its file name, see ldm.modules.embedding_io), which may be
         several tokens. `placeholder_strings` renames the loaded concepts, in order. Files of another model
         family, and two loaded concepts a prompt could not tell apart, are refused; a concept named by an
-        ordinary word gets a warning, since that word now means the concept.
+        ordinary word gets a warning (unless named by `placeholder_strings`), since that word now means the concept.
         """
         from ldm.modules.embedding_io import load_embedding_file
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
@@ -257,7 +257,8 @@ class EmbeddingManager(nn.Module):
                     f"concepts ({', '.join(name for _, name, _ in loaded)}); give one string per concept.")
         strings = [placeholder_strings[i] if placeholder_strings is not None else name
                    for i, (_, name, _) in enumerate(loaded)]
-        self._check_new_names(list(zip(strings, (path for path, _, _ in loaded))))
+        self._check_new_names(list(zip(strings, (path for path, _, _ in loaded))),
+                              named_by_user=placeholder_strings is not None)
         for string, (path, name, vectors) in zip(strings, loaded):
             ids = self._token_ids_of(string)
             if not ids:
@@ -269,8 +270,9 @@ class EmbeddingManager(nn.Module):
                 del self.initial_embeddings[string]
             self._set_placeholder(string, ids, vectors)
 
-    def _check_new_names(self, named_paths):
-        """Refuse two loaded concepts a prompt cannot tell apart; warn about names that are ordinary words."""
+    def _check_new_names(self, named_paths, named_by_user):
+        """Refuse two loaded concepts a prompt cannot tell apart; warn about names taken from the files that are
+        ordinary words (a name the user gave was chosen knowingly)."""
         seen = {}
         for string, path in named_paths:
             ids = tuple(self._token_ids_of(string))
@@ -282,7 +284,7 @@ class EmbeddingManager(nn.Module):
                     ": a prompt could not tell them apart. Rename one with --placeholder_string (one string per "
                     "loaded concept, in order).")
             seen[ids] = (string, path)
-            if len(ids) == 1 and string.strip().isalpha():
+            if not named_by_user and len(ids) == 1 and string.strip().isalpha():
                 warnings.warn(f"The embedding {string!r} from {path} is named by an ordinary word of the "
                               f"tokenizer: {string!r} in a prompt now means this concept, not the word. Rename it "
                               "with --placeholder_string if you want the word.", stacklevel=3)
