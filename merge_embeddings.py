@@ -11,7 +11,9 @@ error (default; nothing is written), rename (the later concept gets a new single
 import argparse
 import sys
 
-from ldm.modules.embedding_io import check_tokenizer, load_embedding_file, save_embedding_file, single_token_lookup
+from ldm.modules.embedding_io import (
+    check_tokenizer, describe_widths, load_embedding_file, save_embedding_file, single_token_lookup,
+)
 
 # Single characters that are one token for both CLIP and BERT, tried in order for automatic renames.
 RENAME_CANDIDATES = tuple("*@&#$%^~+=!?|<>§")
@@ -107,7 +109,8 @@ def main(argv=None):
         print(f"merge_embeddings: {err}. Nothing was written.", file=sys.stderr)
         return 1
     save_embedding_file(args.output_path, vectors, tokens=tokens, fmt="official")
-    print(f"Wrote {args.output_path}. Placeholders and their sources:")
+    family = describe_widths((next(iter(vectors.values())).shape[-1],))
+    print(f"Wrote {args.output_path} ({family}). Placeholders and their sources:")
     for string, source in sources.items():
         print(f"  {string!r}: {source}")
     return 0

@@ -28,7 +28,7 @@ def sample_args(tmp_path, tiny_ckpt):
             "--device", "cpu", "--skip_grid", "--seed", "3"]
 
 
-def test_prompt_names_the_files(tmp_path, sample_args):
+def test_prompt_names_the_files(tmp_path, sample_args, capsys):
     """--embedding_path EasyNegative.safetensors bad-hands-5.pt, with the file names in the prompt."""
     stable_txt2img = load_script("stable_txt2img")
     generator = torch.Generator().manual_seed(0)
@@ -40,6 +40,9 @@ def test_prompt_names_the_files(tmp_path, sample_args):
     plain = stable_txt2img.main(sample_args + prompt + ["--outdir", str(tmp_path / "plain")])
     named = stable_txt2img.main(sample_args + prompt + ["--outdir", str(tmp_path / "named"),
                                                         "--embedding_path", str(easy), str(hands)])
+    out = capsys.readouterr().out
+    assert f"Embedding 'EasyNegative' (4 vectors) from {easy}" in out
+    assert f"Embedding 'bad-hands-5' (2 vectors) from {hands}" in out
     assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(named[0])))
 
 

@@ -129,3 +129,11 @@ def test_png_needs_its_format(tmp_path):
     with pytest.raises(ValueError, match="needs a .png path"):
         save_embedding_file(tmp_path / "x.pt", {"x": _vec(1)}, fmt="a1111-png")
     assert not os.listdir(tmp_path)
+
+
+def test_other_image_is_not_read_as_a_pickle(tmp_path):
+    path = tmp_path / "style.webp"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(path, format="JPEG")
+    with pytest.raises(ValueError, match="style.webp is not a PNG image") as err:
+        load_embedding_file(path)
+    assert "weights_only" not in str(err.value)

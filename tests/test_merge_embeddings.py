@@ -163,3 +163,5 @@ def test_tokenizer_must_match_the_family(tmp_path, capsys):
     assert _merge([sd1], tmp_path / "merged.pt") == 1  # without -sd: BERT ids for a CLIP model
     err = capsys.readouterr().err
     assert "sd1.pt is SD v1 (CLIP ViT-L, 768), whose placeholders are clip tokens; the bert tokenizer" in err
+    assert _merge([sd1], tmp_path / "merged.pt", "-sd") == 0
+    assert f"Wrote {tmp_path / 'merged.pt'} (SD v1 (CLIP ViT-L, 768))" in capsys.readouterr().out

@@ -35,6 +35,7 @@ FAMILIES = {
     (768, 1280): "SDXL (clip_l 768 + clip_g 1280)",
 }
 SUPPORTED_FAMILIES = "SD v1 768, SD 2.x 1024 or LDM-1.4B 1280"
+IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg", ".avif", ".jxl")
 PARAMETER_DICT = "torch.nn.modules.container.ParameterDict"
 A1111_STAR_TOKEN = 265  # CLIP id of "*", which AUTOMATIC1111 writes as the (unused) placeholder token
 
@@ -125,6 +126,8 @@ def _read(path):
     if os.path.isfile(path) and is_png(path):  # sniffing a FIFO or device would block: only regular files
         data = read_png_embedding(path)
         return _a1111_file(data, path, data.get("name") or stem, "a1111-png")
+    if path.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(f"{path} is not a PNG image: image embeddings (AUTOMATIC1111's) are read from PNGs only")
     data = load_checkpoint(path, extra_stand_ins=(PARAMETER_DICT,))
     meta = _safetensors_metadata(path)
     if not isinstance(data, dict):
@@ -280,15 +283,19 @@ class EmbeddingLoadError(ValueError):
 
 
 def load_embeddings(model, paths, placeholder_strings=None, config="the model's config"):
-    """Load embedding files into `model`'s embedding manager (the scripts' --embedding_path)."""
+    """Load embedding files into `model`'s embedding manager (the scripts' --embedding_path), printing the word
+    each concept answers to."""
     manager = getattr(model, "embedding_manager", None)
     if manager is None:
         raise EmbeddingLoadError(f"{config} has no personalization_config, so it cannot use --embedding_path.")
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     try:
-        manager.load(paths, placeholder_strings=placeholder_strings)
+        loaded = manager.load(paths, placeholder_strings=placeholder_strings)
     except (ValueError, OSError) as err:  # unreadable file, other model family, name clash, count mismatch
         raise EmbeddingLoadError(f"Could not load embeddings from {', '.join(map(str, paths))}: {err}") from err
+    for word, path, count in loaded:  # the words to type, which users otherwise have to guess
+        print(f"Embedding {word!r} ({count} vector{'s' if count != 1 else ''}) from {path}")
+    return loaded
 
 
 # Which tokenizer gives the token ids of each single-encoder family (OpenCLIP uses OpenAI's BPE vocabulary).

@@ -244,6 +244,7 @@ class EmbeddingManager(nn.Module):
         several tokens. `placeholder_strings` renames the loaded concepts, in order. Files of another model
         family, and two loaded concepts a prompt could not tell apart, are refused; a concept named by an
         ordinary word gets a warning (unless named by `placeholder_strings`), since that word now means the concept.
+        Returns (word, file, number of vectors) for each loaded concept.
         """
         from ldm.modules.embedding_io import load_embedding_file
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
@@ -269,6 +270,7 @@ class EmbeddingManager(nn.Module):
             if initial is not None and initial.shape != vectors.shape:
                 del self.initial_embeddings[string]
             self._set_placeholder(string, ids, vectors)
+        return [(string, path, vectors.shape[0]) for string, (path, _, vectors) in zip(strings, loaded)]
 
     def _check_new_names(self, named_paths, named_by_user):
         """Refuse two loaded concepts a prompt cannot tell apart; warn about names taken from the files that are
