@@ -362,3 +362,10 @@ def test_load_embeddings_gives_one_clear_error(tmp_path):
         load_embeddings(model, sd2)
     load_embeddings(model, save_embedding_file(tmp_path / "ok.pt", {"*": _vec(3)}, tokens={"*": 265}))
     assert torch.equal(model.embedding_manager.string_to_param_dict["*"].detach(), _vec(3))
+
+
+def test_file_without_vectors_is_a_clear_error(tmp_path):
+    path = tmp_path / "empty.pt"
+    torch.save({"string_to_token": {}, "string_to_param": {}}, path)
+    with pytest.raises(ValueError, match="empty.pt: the embedding file holds no vectors"):
+        load_embedding_file(path)

@@ -35,6 +35,10 @@ FAMILIES = {
     (768, 1280): "SDXL (clip_l 768 + clip_g 1280)",
 }
 SUPPORTED_FAMILIES = "SD v1 768, SD 2.x 1024 or LDM-1.4B 1280"
+# Which tokenizer gives the token ids of each single-encoder family (OpenCLIP uses OpenAI's BPE vocabulary).
+FAMILY_TOKENIZERS = {(768,): "clip", (1024,): "clip", (1280,): "bert"}
+# Families by the names the command-line tools take.
+FAMILY_NAMES = {"sd-v1": (768,), "sd-2": (1024,), "ldm-1.4b": (1280,)}
 IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg", ".avif", ".jxl")
 PARAMETER_DICT = "torch.nn.modules.container.ParameterDict"
 A1111_STAR_TOKEN = 265  # CLIP id of "*", which AUTOMATIC1111 writes as the (unused) placeholder token
@@ -77,6 +81,16 @@ def check_family(path, widths, target_widths, target="this model"):
         raise EmbeddingFamilyError(
             f"{path} is {describe_widths(widths)}; {target} is {describe_widths(target_widths)}: "
             "the embedding was made for another model.")
+
+
+def check_tokenizer(path, widths, tokenizer):
+    """Refuse token ids from `tokenizer` for a file of a known family that uses the other tokenizer."""
+    expected = FAMILY_TOKENIZERS.get(tuple(widths))
+    if expected is not None and tokenizer != expected:
+        users = " / ".join(describe_widths(w) for w, t in FAMILY_TOKENIZERS.items() if t == tokenizer)
+        raise EmbeddingFamilyError(
+            f"{path} is {describe_widths(widths)}, whose placeholders are {expected} tokens; the {tokenizer} "
+            f"tokenizer is for {users}.")
 
 
 def _plain_mapping(value):
@@ -173,6 +187,8 @@ def load_embedding_file(path, target_widths=None, target="this model"):
         if target_widths is not None and err.widths is not None:
             check_family(path, err.widths, target_widths, target)
         raise
+    if not emb.vectors:
+        raise ValueError(f"{path}: the embedding file holds no vectors")
     widths = {key: vec.shape[-1] for key, vec in emb.vectors.items()}
     if len(set(widths.values())) > 1:
         listed = ", ".join(f"{key}: {width}" for key, width in widths.items())
@@ -296,19 +312,3 @@ def load_embeddings(model, paths, placeholder_strings=None, config="the model's 
     for word, path, count in loaded:  # the words to type, which users otherwise have to guess
         print(f"Embedding {word!r} ({count} vector{'s' if count != 1 else ''}) from {path}")
     return loaded
-
-
-# Which tokenizer gives the token ids of each single-encoder family (OpenCLIP uses OpenAI's BPE vocabulary).
-FAMILY_TOKENIZERS = {(768,): "clip", (1024,): "clip", (1280,): "bert"}
-# Families by the names the command-line tools take.
-FAMILY_NAMES = {"sd-v1": (768,), "sd-2": (1024,), "ldm-1.4b": (1280,)}
-
-
-def check_tokenizer(path, widths, tokenizer):
-    """Refuse token ids from `tokenizer` for a file of a known family that uses the other tokenizer."""
-    expected = FAMILY_TOKENIZERS.get(tuple(widths))
-    if expected is not None and tokenizer != expected:
-        users = " / ".join(describe_widths(w) for w, t in FAMILY_TOKENIZERS.items() if t == tokenizer)
-        raise EmbeddingFamilyError(
-            f"{path} is {describe_widths(widths)}, whose placeholders are {expected} tokens; the {tokenizer} "
-            f"tokenizer is for {users}.")
