@@ -137,3 +137,11 @@ def test_other_image_is_not_read_as_a_pickle(tmp_path):
     with pytest.raises(ValueError, match="style.webp is not a PNG image") as err:
         load_embedding_file(path)
     assert "weights_only" not in str(err.value)
+
+
+def test_truncated_png_is_a_clear_error(tmp_path):
+    good = save_embedding_file(tmp_path / "good.png", {"g": _vec(1)}, name="g", fmt="a1111-png")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(open(good, "rb").read()[:60])
+    with pytest.raises(PNGEmbeddingError, match="cut.png: not a readable PNG image"):
+        load_embedding_file(cut)

@@ -12,6 +12,7 @@ as JSON, each tensor written as {"TORCHTENSOR": nested lists}, in one of two pla
 """
 import base64
 import binascii
+import functools
 import json
 import zlib
 
@@ -34,6 +35,7 @@ def is_png(path):
         return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
 
 
+@functools.lru_cache(maxsize=4)
 def _lcg_nibbles(count):
     """The low four bits of the webui's LCG (a=1664525, c=1013904223, m=2**32, seed 0, values mod 255)."""
     out = np.empty(count, dtype=np.uint8)
@@ -41,6 +43,7 @@ def _lcg_nibbles(count):
     for i in range(count):
         seed = (1664525 * seed + 1013904223) % 2 ** 32
         out[i] = (seed % 255) & 0x0F
+    out.flags.writeable = False  # cached and shared by both blocks
     return out
 
 
@@ -91,8 +94,8 @@ def _crop_to_content(rgb):
     return rgb[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
-def _from_pixels(image, path):
-    nibbles = _crop_to_content(np.asarray(image.convert("RGB"), dtype=np.uint8)) & 0x0F
+def _from_pixels(rgb, path):
+    nibbles = _crop_to_content(rgb) & 0x0F
     black = np.flatnonzero(nibbles.sum(axis=(0, 2)) == 0)
     if black.size < 2:
         return None
@@ -117,9 +120,10 @@ def read_png_embedding(path):
         with Image.open(path) as image:
             image.load()
             text = getattr(image, "text", {}).get(TEXT_CHUNK)
-            data = _from_text_chunk(text, path) if text is not None else _from_pixels(image, path)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8) if text is None else None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise PNGEmbeddingError(f"{path}: not a readable PNG image ({err})") from None
+    data = _from_text_chunk(text, path) if text is not None else _from_pixels(rgb, path)
     if data is None:
         raise PNGEmbeddingError(f"{path} is a PNG image without an embedding: no {TEXT_CHUNK!r} text chunk and "
                                 "no embedding data in its edge pixels")
