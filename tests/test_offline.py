@@ -65,9 +65,9 @@ def test_tokenizer_writes_nothing_to_home(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
     written = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
-    # transformers 4.x itself writes a one-byte cache-layout marker when it is imported; 5.x writes nothing.
-    allowed = [".cache/huggingface/hub/version.txt"] if transformers.__version__.startswith("4.") else []
-    assert written == allowed
+    # Older transformers 4.x (4.35 does, 4.57 does not) write a one-byte cache-layout marker on import; 5.x nothing.
+    allowed = {".cache/huggingface/hub/version.txt"} if transformers.__version__.startswith("4.") else set()
+    assert set(written) <= allowed, written
 
 
 def test_tokenizer_encoder_training_step_and_sampling_with_sockets_disabled(tmp_path):
