@@ -2,14 +2,18 @@
 
     python merge_embeddings.py --manager_ckpts a.pt b.pt c.safetensors --output_path merged.pt -sd
 
-Runs on CPU and never prompts. When two files use the same placeholder string, --on_clash decides:
+Runs on CPU and never prompts. All files must be of one model family (by their widths: SD v1 768, SD 2.x 1024,
+LDM-1.4B 1280), matching the tokenizer (-sd: CLIP; otherwise BERT). When two files use the same placeholder
+string, --on_clash decides:
 error (default; nothing is written), rename (the later concept gets a new single-token placeholder, taken from
 --rename_to in order or chosen automatically), skip (keep the first) or overwrite (keep the last).
 """
 import argparse
 import sys
 
-from ldm.modules.embedding_io import load_embedding_file, save_embedding_file, single_token_lookup
+from ldm.modules.embedding_io import (
+    check_tokenizer, describe_widths, load_embedding_file, save_embedding_file, single_token_lookup,
+)
 
 # Single characters that are one token for both CLIP and BERT, tried in order for automatic renames.
 RENAME_CANDIDATES = tuple("*@&#$%^~+=!?|<>§")
@@ -34,7 +38,11 @@ class _Tokens:
 
 def merge_embeddings(paths, on_clash="error", rename_to=(), tokenizer="clip"):
     """Returns (vectors, tokens, sources), each keyed by the merged placeholder strings, in file order."""
-    files = [(path, load_embedding_file(path)) for path in paths]
+    first = load_embedding_file(paths[0])
+    check_tokenizer(paths[0], first.widths, tokenizer)
+    files = [(paths[0], first)] + [
+        (path, load_embedding_file(path, target_widths=first.widths, target=f"the first file {paths[0]}"))
+        for path in paths[1:]]
     token_for = _Tokens(tokenizer)
     every_placeholder = {s for _, f in files for s in f.vectors}
     renames = iter(rename_to)
@@ -101,7 +109,8 @@ def main(argv=None):
         print(f"merge_embeddings: {err}. Nothing was written.", file=sys.stderr)
         return 1
     save_embedding_file(args.output_path, vectors, tokens=tokens, fmt="official")
-    print(f"Wrote {args.output_path}. Placeholders and their sources:")
+    family = describe_widths((next(iter(vectors.values())).shape[-1],))
+    print(f"Wrote {args.output_path} ({family}). Placeholders and their sources:")
     for string, source in sources.items():
         print(f"  {string!r}: {source}")
     return 0

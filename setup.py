@@ -10,9 +10,9 @@ setup(
     # torch is deliberately unpinned and never pulled with torchvision: install the build you need first
     # (`pip install torch==2.13.0` for the CPU build the Makefile uses).
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.5",  # torch.serialization.safe_globals; public state_dict hooks
         "pytorch-lightning>=2.2",
-        "transformers>=4.30",
+        "transformers>=4.35",  # transformers.modeling_attn_mask_utils (4.x); CI tests the floor: make test-floor
         "omegaconf>=2.3",
         "safetensors>=0.4",
         "ftfy>=6.1",

@@ -15,6 +15,7 @@ from pytorch_lightning import seed_everything
 from tqdm import tqdm, trange
 
 from ldm.checkpoint import load_model_from_config
+from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.util import make_grid, to_pil
@@ -90,12 +91,10 @@ def check_inputs(opt):
 def load_model(opt):
     model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device=opt.device, verbose=False)
     if opt.embedding_path:
-        if getattr(model, "embedding_manager", None) is None:
-            raise SystemExit(f"{opt.config} has no personalization_config, so it cannot use --embedding_path.")
         try:
-            model.embedding_manager.load(opt.embedding_path, placeholder_strings=opt.placeholder_string)
-        except ValueError as err:  # unreadable file, wrong vector size, placeholder count or token mismatch
-            raise SystemExit(f"Could not load embeddings from {', '.join(opt.embedding_path)}: {err}") from err
+            load_embeddings(model, opt.embedding_path, opt.placeholder_string, opt.config)
+        except EmbeddingLoadError as err:
+            raise SystemExit(str(err)) from err
     return model
 
 

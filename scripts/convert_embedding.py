@@ -1,9 +1,13 @@
-"""Convert a learned embedding file between the official, AUTOMATIC1111, diffusers and kohya formats.
+"""Convert a learned embedding file between the official, AUTOMATIC1111 (.pt, .safetensors, PNG), diffusers and
+kohya formats.
 
     python scripts/convert_embedding.py --input embeddings.pt --output learned_embeds.safetensors --to diffusers
     python scripts/convert_embedding.py --input my-style.pt --output embeddings.pt --to official --name "*"
+    python scripts/convert_embedding.py --input embeddings.pt --output my-style.png --to a1111-png
 
-The input format is recognised from the file's content. --name renames the concept (one-concept files only).
+The input format is recognised from the file's content, its model family from its widths (SD v1 768,
+SD 2.x 1024, LDM-1.4B 1280; SDXL files are refused); --model_family refuses a file made for another family.
+--name renames the concept (one-concept files only).
 """
 import argparse
 import os
@@ -11,11 +15,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.modules.embedding_io import FORMATS, load_embedding_file, save_embedding_file, single_token_lookup  # noqa: E402
+from ldm.modules.embedding_io import (  # noqa: E402
+    FAMILY_NAMES, FAMILY_TOKENIZERS, FORMATS, check_tokenizer, load_embedding_file, save_embedding_file,
+    single_token_lookup,
+)
 
 
-def convert(input_path, output_path, to, name=None, tokenizer="clip"):
-    emb = load_embedding_file(input_path)
+def convert(input_path, output_path, to, name=None, tokenizer=None, model_family=None):
+    """Returns the input's EmbeddingFile (its format and family)."""
+    target = FAMILY_NAMES[model_family] if model_family else None
+    emb = load_embedding_file(input_path, target_widths=target, target=f"--model_family {model_family}")
+    if tokenizer is None:
+        tokenizer = FAMILY_TOKENIZERS.get(emb.widths, "clip")
+    check_tokenizer(input_path, emb.widths, tokenizer)
     vectors, tokens = dict(emb.vectors), dict(emb.tokens)
     if name is not None:
         if len(vectors) != 1:
@@ -38,7 +50,7 @@ def convert(input_path, output_path, to, name=None, tokenizer="clip"):
                       f"with load_textual_inversion(path, token='<new-token>'), or convert again with --name "
                       f"'<my-concept>'", file=sys.stderr)
     save_embedding_file(output_path, vectors, tokens=tokens, name=name or emb.name, step=emb.step, fmt=to)
-    return emb.format
+    return emb
 
 
 def main(argv=None):
@@ -47,15 +59,18 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="file to write")
     parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
     parser.add_argument("--name", default=None, help="new name / placeholder string for the concept")
-    parser.add_argument("--tokenizer", choices=("clip", "bert"), default="clip",
-                        help="tokenizer giving placeholder token ids when converting to the official format")
+    parser.add_argument("--tokenizer", choices=("clip", "bert"), default=None,
+                        help="tokenizer giving placeholder token ids for the official format (default: the one of "
+                             "the file's family: clip for SD v1 and SD 2.x, bert for LDM-1.4B)")
+    parser.add_argument("--model_family", choices=sorted(FAMILY_NAMES), default=None,
+                        help="the model the output is for: refuse a file made for another family")
     args = parser.parse_args(argv)
     try:
-        source = convert(args.input, args.output, args.to, args.name, args.tokenizer)
+        source = convert(args.input, args.output, args.to, args.name, args.tokenizer, args.model_family)
     except (ValueError, OSError) as err:
         print(f"convert_embedding: {err}", file=sys.stderr)
         return 1
-    print(f"Converted {args.input} ({source}) -> {args.output} ({args.to})")
+    print(f"Converted {args.input} ({source.format}, {source.family}) -> {args.output} ({args.to})")
     return 0
 
 

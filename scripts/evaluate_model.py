@@ -80,13 +80,15 @@ def generate(opt):
     from omegaconf import OmegaConf
 
     from ldm.checkpoint import load_model_from_config
+    from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
     from ldm.util import to_pil
 
     model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device=opt.device, verbose=False)
     if opt.embedding_path:
-        if getattr(model, "embedding_manager", None) is None:
-            raise SystemExit(f"{opt.config} has no personalization_config, so it cannot use --embedding_path.")
-        model.embedding_manager.load(opt.embedding_path, placeholder_strings=opt.placeholder_string)
+        try:
+            load_embeddings(model, opt.embedding_path, opt.placeholder_string, opt.config)
+        except EmbeddingLoadError as err:
+            raise SystemExit(str(err)) from err
     images = sample_images(model, opt.prompt, opt.n_samples, ddim_steps=opt.ddim_steps, scale=opt.scale,
                            eta=opt.ddim_eta, batch_size=opt.batch_size, seed=opt.seed)
     prompt_folder = re.sub(r"[^\w.-]+", "-", opt.prompt).strip("-")[:100] or "prompt"

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointSecurityError
-from ldm.modules.embedding_io import FORMATS, EmbeddingFile, load_embedding_file, save_embedding_file
+from ldm.modules.embedding_io import (
+    FORMATS, EmbeddingFamilyError, EmbeddingFile, load_embedding_file, save_embedding_file,
+)
 
 D = 8
 
@@ -65,6 +67,10 @@ ROUND_TRIPS = [
 ]
 
 
+# AUTOMATIC1111 names these by their file name, whatever name they store; the others by their stored strings.
+NAMED_BY_FILE = ("a1111", "a1111-safetensors", "kohya")
+
+
 @pytest.mark.parametrize("fmt,filename,vectors,tokens,name,step", ROUND_TRIPS)
 def test_round_trip_every_format(tmp_path, fmt, filename, vectors, tokens, name, step):
     path = tmp_path / "nested" / filename
@@ -72,11 +78,12 @@ def test_round_trip_every_format(tmp_path, fmt, filename, vectors, tokens, name,
     loaded = load_embedding_file(path)
     assert isinstance(loaded, EmbeddingFile)
     assert loaded.format == fmt
-    assert list(loaded.vectors) == list(vectors)
-    for key, vec in vectors.items():
+    keys = [path.stem] if fmt in NAMED_BY_FILE else list(vectors)
+    assert list(loaded.vectors) == keys
+    for key, vec in zip(keys, vectors.values()):
         assert loaded.vectors[key].dtype == torch.float32
         assert torch.equal(loaded.vectors[key], vec)
-    assert loaded.tokens == (tokens or {k: None for k in vectors})
+    assert loaded.tokens == (tokens or {k: None for k in keys})
     assert loaded.name == name and loaded.step == step
     assert [p.name for p in path.parent.iterdir()] == [filename]  # no temp file left behind
     _raw(path)  # plain tensors: weights_only / safetensors readers accept it
@@ -199,13 +206,13 @@ def test_save_errors(tmp_path):
         save_embedding_file(tmp_path / "e.pt", {"*": _vec(1)}, fmt="a1111-safetensors")
     with pytest.raises(ValueError, match=r"\[d\] or \[n, d\]"):
         save_embedding_file(tmp_path / "e.pt", {"*": torch.zeros(1, 2, 3)}, tokens={"*": 1})
-    assert set(FORMATS) == {"official", "a1111", "a1111-safetensors", "diffusers", "kohya"}
+    assert set(FORMATS) == {"official", "a1111", "a1111-png", "a1111-safetensors", "diffusers", "kohya"}
 
 
 def test_sdxl_and_unknown_layouts_are_clear_errors(tmp_path):
     sdxl = tmp_path / "xl.safetensors"
     safetensors.torch.save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(sdxl))
-    with pytest.raises(ValueError, match="SDXL.*SD1"):
+    with pytest.raises(EmbeddingFamilyError, match=r"xl.safetensors is SDXL \(clip_l 768 \+ clip_g 1280\)"):
         load_embedding_file(sdxl)
     model = tmp_path / "model.pt"
     torch.save({"conv.weight": torch.zeros(2, 2, 3, 3), "epoch": 3}, model)
@@ -265,3 +272,100 @@ def test_convert_errors_are_clear(tmp_path, capsys):
     assert _convert("--input", diffusers, "--output", tmp_path / "x.pt", "--to", "official") == 1
     assert "'<cat-toy>' is not a single clip token" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_file_name_is_the_word_users_type(tmp_path):
+    """AUTOMATIC1111 names .pt/.safetensors embeddings by file name; merge tools store one name for all."""
+    renamed = tmp_path / "badhandv4.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": _vec(2)}, "name": "badhandv3", "step": 9,
+                "sd_checkpoint": None, "sd_checkpoint_name": None}, renamed)
+    merged = tmp_path / "my-merge.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": _vec(1)}, "name": "_EmbeddingMerge_temp",
+                "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}, merged)
+    kohya = tmp_path / "EasyNegative.safetensors"
+    safetensors.torch.save_file({"emb_params": _vec(3)}, str(kohya), metadata={"name": "easy_negative"})
+    assert list(load_embedding_file(renamed).vectors) == ["badhandv4"]
+    assert load_embedding_file(renamed).name == "badhandv3"  # kept, for the record
+    assert list(load_embedding_file(merged).vectors) == ["my-merge"]
+    assert list(load_embedding_file(kohya).vectors) == ["EasyNegative"]
+
+
+@pytest.mark.parametrize("widths,family", [
+    ((768,), "SD v1 (CLIP ViT-L, 768)"), ((1024,), "SD 2.x (OpenCLIP ViT-H, 1024)"),
+    ((1280,), "LDM-1.4B (BERT, 1280)"), ((768, 1280), "SDXL (clip_l 768 + clip_g 1280)"),
+    ((4096,), "an unknown family (4096 wide)"),
+])
+def test_family_from_widths(tmp_path, widths, family):
+    from ldm.modules.embedding_io import describe_widths
+    assert describe_widths(widths) == family
+    if len(widths) == 1:
+        path = save_embedding_file(tmp_path / "e.pt", {"*": torch.zeros(2, widths[0])}, tokens={"*": 265})
+        assert load_embedding_file(path).family == family
+
+
+def test_private_two_width_layout_is_not_two_diffusers_concepts(tmp_path):
+    path = tmp_path / "private.safetensors"
+    safetensors.torch.save_file({"emb": torch.zeros(1, 768), "emb2": torch.zeros(1, 1280)}, str(path))
+    with pytest.raises(EmbeddingFamilyError, match=r"private.safetensors holds vectors of different widths "
+                                                   r"\(emb: 768, emb2: 1280\).*two-encoder \(SDXL\)"):
+        load_embedding_file(path)
+
+
+@pytest.mark.parametrize("width,argv,message", [
+    (1024, ["--model_family", "sd-v1"],
+     r"sd2.pt is SD 2.x \(OpenCLIP ViT-H, 1024\); --model_family sd-v1 is SD v1 \(CLIP ViT-L, 768\)"),
+    (4096, ["--model_family", "sd-v1"], r"an unknown family \(4096 wide\); --model_family sd-v1 is SD v1"),
+    (1280, ["--tokenizer", "clip"], r"is LDM-1.4B \(BERT, 1280\), whose placeholders are bert tokens; the clip"),
+])
+def test_convert_refuses_another_family(tmp_path, capsys, width, argv, message):
+    import re
+    source = tmp_path / "sd2.pt"
+    save_embedding_file(source, {"*": torch.zeros(1, width)}, tokens={"*": 265})
+    assert _convert("--input", source, "--output", tmp_path / "x.pt", "--to", "official", *argv) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_convert_reports_the_family_and_writes_a1111_png(tmp_path, capsys):
+    source = tmp_path / "embeddings.pt"
+    save_embedding_file(source, {"*": _vec(2).repeat(1, 96)}, tokens={"*": 265}, name="tri", step=40)
+    out = tmp_path / "tri.png"
+    assert _convert("--input", source, "--output", out, "--to", "a1111-png", "--model_family", "sd-v1") == 0
+    assert "(official, SD v1 (CLIP ViT-L, 768)) ->" in capsys.readouterr().out
+    png = load_embedding_file(out)
+    assert png.format == "a1111-png" and torch.equal(png.vectors["tri"], _vec(2).repeat(1, 96))
+    sdxl = tmp_path / "xl.safetensors"
+    safetensors.torch.save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(sdxl))
+    assert _convert("--input", sdxl, "--output", tmp_path / "y.pt", "--to", "a1111") == 1
+    assert "xl.safetensors is SDXL (clip_l 768 + clip_g 1280)" in capsys.readouterr().err
+
+
+def test_load_embeddings_gives_one_clear_error(tmp_path):
+    import types
+    from PIL import Image, PngImagePlugin
+    from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
+    with pytest.raises(EmbeddingLoadError, match="cfg.yaml has no personalization_config"):
+        load_embeddings(types.SimpleNamespace(), [tmp_path / "e.pt"], config="cfg.yaml")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("sd-ti-embedding", "garbage!")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "broken.png", pnginfo=info)
+
+    from ldm.modules.embedding_manager import EmbeddingManager
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+    clip = FrozenCLIPEmbedder(config=dict(hidden_size=D, intermediate_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2))
+    model = types.SimpleNamespace(embedding_manager=EmbeddingManager(clip, ["*"]))  # what the scripts' models carry
+    with pytest.raises(EmbeddingLoadError, match="Could not load embeddings from .*broken.png: .*not base64"):
+        load_embeddings(model, [tmp_path / "broken.png"])
+    sd2 = save_embedding_file(tmp_path / "sd2.pt", {"*": torch.zeros(1, 1024)}, tokens={"*": 265})
+    with pytest.raises(EmbeddingLoadError, match=r"sd2.pt is SD 2.x .*; this model is an unknown family \(8 wide\)"):
+        load_embeddings(model, sd2)
+    load_embeddings(model, save_embedding_file(tmp_path / "ok.pt", {"*": _vec(3)}, tokens={"*": 265}))
+    assert torch.equal(model.embedding_manager.string_to_param_dict["*"].detach(), _vec(3))
+
+
+def test_file_without_vectors_is_a_clear_error(tmp_path):
+    path = tmp_path / "empty.pt"
+    torch.save({"string_to_token": {}, "string_to_param": {}}, path)
+    with pytest.raises(ValueError, match="empty.pt: the embedding file holds no vectors"):
+        load_embedding_file(path)

@@ -1,12 +1,14 @@
 """The EmbeddingManager and the patched encoders: learned vectors act exactly like new vocabulary entries."""
 import copy
+import warnings
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
 from ldm.data.personalized import per_img_token_list
-from ldm.modules.embedding_io import load_embedding_file, save_embedding_file
+from ldm.modules.embedding_io import EmbeddingFamilyError, load_embedding_file, save_embedding_file
 from ldm.modules.embedding_manager import PROGRESSIVE_SCALE, EmbeddingManager
 from ldm.modules.encoders.modules import BERTEmbedder, FrozenCLIPEmbedder
 
@@ -228,20 +230,10 @@ def test_load_adds_concepts_from_several_files(clip, tmp_path):
     torch.testing.assert_close(out[0, 1:5], torch.ones(4, 32))
 
 
-def test_load_refuses_a_name_that_is_not_one_token(clip, tmp_path):
-    path = save_embedding_file(tmp_path / "learned_embeds.safetensors", {"<cat-toy>": torch.zeros(1, 32)},
-                               fmt="diffusers")
-    manager = EmbeddingManager(clip, ["*"])
-    with pytest.raises(ValueError, match="'<cat-toy>' is .* tokens.*placeholder_strings"):
-        manager.load(path)
-    manager.load(path, placeholder_strings=["*"])
-    torch.testing.assert_close(manager.string_to_param_dict["*"], torch.zeros(1, 32))
-
-
-def test_load_refuses_another_width(clip, tmp_path):
-    path = save_embedding_file(tmp_path / "sd2.pt", {"*": torch.zeros(1, 1024)}, tokens={"*": STAR})
-    with pytest.raises(ValueError, match="sd2.pt.*1024 wide.*32 wide"):
-        EmbeddingManager(clip, ["*"]).load(path)
+def test_load_refuses_another_width_bert(bert, tmp_path):
+    path = save_embedding_file(tmp_path / "clip.pt", {"*": torch.zeros(1, 768)}, tokens={"*": STAR})
+    with pytest.raises(EmbeddingFamilyError, match=r"clip.pt is SD v1 \(CLIP ViT-L, 768\); this model is"):
+        EmbeddingManager(bert, ["*"]).load(path)
 
 
 def test_file_written_by_manager_is_official(clip, tmp_path):
@@ -250,3 +242,172 @@ def test_file_written_by_manager_is_official(clip, tmp_path):
     assert loaded.format == "official" and loaded.step == 7
     assert loaded.tokens == {"*": STAR, "sks": 48136}
     assert set(loaded.vectors) == {"*", "sks"}
+
+
+# ---------------------------------------------------------------- concepts named by any string (file names)
+
+def sequence_spliced_ids(row, replacements, first_new_id):
+    """`row` with each token sequence in `replacements` ({ids tuple: vector count}, longest first) replaced by
+    new vocabulary ids, kept at the row's length: cut keeping the last token, or padded with the last token."""
+    row, n, out, i = row.tolist(), len(row), [], 0
+    new_ids, next_id = {}, first_new_id
+    for ids, count in replacements.items():
+        new_ids[ids], next_id = list(range(next_id, next_id + count)), next_id + count
+    order = sorted(replacements, key=len, reverse=True)
+    while i < n:
+        ids = next((s for s in order if tuple(row[i:i + len(s)]) == s), None)
+        out += new_ids[ids] if ids else [row[i]]
+        i += len(ids) if ids else 1
+    out = out[:n - 1] + [row[-1]] if len(out) > n else out + [row[-1]] * (n - len(out))
+    return torch.tensor(out)
+
+
+def test_one_token_output_is_bit_identical_to_the_original(clip):
+    """One vector per placeholder: the original's embedded_text[placeholder_idx] = vector, bit for bit, on both
+    the one-token path and the any-string path that runs once a concept of several tokens is loaded."""
+    torch.manual_seed(4)
+    manager = EmbeddingManager(clip, ["*", "sks"], ["dog", "cat"])
+    tokens = clip.tokenize(["a photo of * and sks", "sks *", "nothing"])
+    embedded = clip.token_embedding(tokens)
+    expected = embedded.clone()
+    for string in ("*", "sks"):
+        expected[tokens == manager.string_to_token_dict[string]] = manager.string_to_param_dict[string][0]
+    assert torch.equal(manager(tokens, embedded), expected)
+    assert torch.equal(manager._replace_sequences(tokens, embedded, 1), expected)
+
+
+def test_concepts_named_by_file_name_of_several_tokens(clip, tmp_path):
+    """--embedding_path EasyNegative.safetensors bad-hands-5.pt, then prompts that name the files."""
+    easy, hands = torch.randn(3, 32), torch.randn(2, 32)
+    save_embedding_file(tmp_path / "EasyNegative.safetensors", {"x": easy}, fmt="a1111-safetensors")
+    save_embedding_file(tmp_path / "bad-hands-5.pt", {"x": hands}, name="bad-hands-4", fmt="a1111")
+    manager = EmbeddingManager(clip, ["*"], ["dog"])
+    manager.load([tmp_path / "EasyNegative.safetensors", tmp_path / "bad-hands-5.pt"])
+    assert list(manager.string_to_param_dict) == ["*", "EasyNegative", "bad-hands-5"]
+    easy_ids, hands_ids = (tuple(clip.string_to_token_ids(s)) for s in ("EasyNegative", "bad-hands-5"))
+    assert len(easy_ids) > 1 and len(hands_ids) > 1
+
+    prompts = ["a photo of *, EasyNegative, bad-hands-5", "bad-hands-5 bad-hands-5 *", "no concept at all"]
+    tokens = clip.tokenize(prompts)
+    vocab = clip.token_embedding.num_embeddings
+    ref_tokens = torch.stack([sequence_spliced_ids(row, {(STAR,): 1, easy_ids: 3, hands_ids: 2}, vocab)
+                              for row in tokens])
+    new_vectors = torch.cat([manager.string_to_param_dict[s] for s in ("*", "EasyNegative", "bad-hands-5")])
+    expected = clip_reference(clip, ref_tokens, new_vectors.detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the vectors only push out padding: no warning
+        torch.testing.assert_close(clip.encode_tokens(tokens, embedding_manager=manager), expected)
+
+
+def test_longest_name_first(clip, tmp_path):
+    short, long = torch.zeros(1, 32), torch.ones(2, 32)
+    save_embedding_file(tmp_path / "hands.safetensors", {"x": short}, fmt="kohya")
+    save_embedding_file(tmp_path / "bad-hands-5.safetensors", {"x": long}, fmt="kohya")
+    manager = EmbeddingManager(clip, ["*"])
+    with pytest.warns(UserWarning, match="'hands' .* ordinary word"):
+        manager.load([tmp_path / "hands.safetensors", tmp_path / "bad-hands-5.safetensors"])
+    tokens = clip.tokenize(["bad-hands-5 hands"])
+    out = manager(tokens, clip.token_embedding(tokens))
+    torch.testing.assert_close(out[0, 1:3], long)  # the longer name wins where both match ("...hands-5")
+    torch.testing.assert_close(out[0, 3], short[0])  # the lone "hands" is the shorter concept
+
+
+def test_vectors_beyond_77_are_cut_with_a_warning(clip, tmp_path):
+    vectors = torch.randn(80, 32)
+    save_embedding_file(tmp_path / "huge-style.safetensors", {"x": vectors}, fmt="kohya")
+    manager = EmbeddingManager(clip, ["*"])
+    manager.load(tmp_path / "huge-style.safetensors")
+    tokens = clip.tokenize(["a huge-style cat"])
+    embedded = clip.token_embedding(tokens)
+    with pytest.warns(UserWarning, match="is 84 positions long.*cut to 77"):
+        out = manager(tokens, embedded)
+    assert out.shape == embedded.shape
+    torch.testing.assert_close(out[0, 2:76], vectors[:74])
+    torch.testing.assert_close(out[0, 76], embedded[0, -1])  # the end token is kept
+
+
+def test_fewer_vectors_than_name_tokens_pad_with_the_end_token(clip, tmp_path):
+    save_embedding_file(tmp_path / "bad-hands-5.pt", {"x": torch.ones(1, 32)}, fmt="a1111")
+    manager = EmbeddingManager(clip, ["*"])
+    manager.load(tmp_path / "bad-hands-5.pt")
+    tokens = clip.tokenize(["bad-hands-5 photo"])
+    vocab = clip.token_embedding.num_embeddings
+    ref = sequence_spliced_ids(tokens[0], {tuple(clip.string_to_token_ids("bad-hands-5")): 1}, vocab)
+    assert ref[:4].tolist() == [49406, vocab, clip.string_to_token_ids("photo")[0], 49407]
+    expected = clip_reference(clip, ref[None], manager.string_to_param_dict["bad-hands-5"].detach())
+    torch.testing.assert_close(clip.encode_tokens(tokens, embedding_manager=manager), expected)
+
+
+def test_names_a_prompt_cannot_tell_apart_are_refused(clip, tmp_path):
+    for folder in ("a", "b"):
+        save_embedding_file(tmp_path / folder / "style.pt", {"x": torch.zeros(1, 32)}, fmt="a1111")
+    save_embedding_file(tmp_path / "STYLE.pt", {"x": torch.zeros(1, 32)}, fmt="a1111")
+    manager = EmbeddingManager(clip, ["*"])
+    with pytest.raises(ValueError, match=r"b/style.pt and .*a/style.pt both answer to 'style'.*placeholder_string"):
+        with pytest.warns(UserWarning, match="'style' .* ordinary word"):
+            manager.load([tmp_path / "a" / "style.pt", tmp_path / "b" / "style.pt"])
+    with pytest.raises(ValueError, match=r"both answer to 'STYLE' / 'style' \(the same tokens\)"):
+        with pytest.warns(UserWarning, match="ordinary word"):
+            manager.load([tmp_path / "a" / "style.pt", tmp_path / "STYLE.pt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # names the user gives are chosen knowingly: no ordinary-word warning
+        manager.load([tmp_path / "a" / "style.pt", tmp_path / "b" / "style.pt"], placeholder_strings=["style", "@"])
+    assert list(manager.string_to_param_dict) == ["*", "style", "@"]
+
+
+def test_trained_placeholder_is_replaced_by_a_loaded_one(clip, tmp_path):
+    """The common case (txt2img: the config's '*' then --embedding_path embeddings.pt) is not a clash."""
+    path = save_embedding_file(tmp_path / "embeddings.pt", {"*": torch.ones(2, 32)}, tokens={"*": STAR})
+    manager = EmbeddingManager(clip, ["*"])
+    manager.load(path)
+    torch.testing.assert_close(manager.string_to_param_dict["*"], torch.ones(2, 32))
+
+
+def test_concept_of_several_tokens_cannot_be_saved_officially(clip, tmp_path):
+    save_embedding_file(tmp_path / "EasyNegative.safetensors", {"x": torch.zeros(1, 32)}, fmt="kohya")
+    manager = EmbeddingManager(clip, ["*"])
+    manager.load(tmp_path / "EasyNegative.safetensors")
+    with pytest.raises(ValueError, match="'EasyNegative': several tokens"):
+        manager.save(tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+# ---------------------------------------------------------------- model families by width
+
+@pytest.fixture(scope="module")
+def sd1_width_clip():
+    torch.manual_seed(0)
+    return FrozenCLIPEmbedder(config=dict(hidden_size=768, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2))
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"*": torch.zeros(1, 1024)}, r"sd2.pt is SD 2.x \(OpenCLIP ViT-H, 1024\); this model is SD v1 \(CLIP ViT-L, 768\)"),
+    ({"*": torch.zeros(1, 1280)}, r"is LDM-1.4B \(BERT, 1280\); this model is SD v1"),
+    ({"*": torch.zeros(1, 4096)}, r"is an unknown family \(4096 wide\); this model is SD v1"),
+])
+def test_load_refuses_another_family(sd1_width_clip, tmp_path, data, message):
+    path = tmp_path / "sd2.pt"
+    torch.save(data, path)
+    with pytest.raises(EmbeddingFamilyError, match=message):
+        EmbeddingManager(sd1_width_clip, ["*"]).load(path)
+
+
+def test_load_refuses_sdxl_and_a_private_two_encoder_layout(sd1_width_clip, tmp_path):
+    sdxl, private = tmp_path / "xl.safetensors", tmp_path / "private.safetensors"
+    safetensors.torch.save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(sdxl))
+    safetensors.torch.save_file({"emb": torch.zeros(2, 768), "emb2": torch.zeros(2, 1280)}, str(private))
+    manager = EmbeddingManager(sd1_width_clip, ["*"])
+    with pytest.raises(EmbeddingFamilyError,
+                       match=r"xl.safetensors is SDXL \(clip_l 768 \+ clip_g 1280\); this model is SD v1 "):
+        manager.load(sdxl)
+    with pytest.raises(EmbeddingFamilyError, match=r"different widths \(emb: 768, emb2: 1280\).*this model is SD v1"):
+        manager.load(private)
+    assert list(manager.string_to_param_dict) == ["*"]
+
+
+def test_load_refuses_another_width(clip, tmp_path):
+    path = save_embedding_file(tmp_path / "sd1.pt", {"*": torch.zeros(1, 768)}, tokens={"*": STAR})
+    with pytest.raises(EmbeddingFamilyError, match=r"sd1.pt is SD v1 \(CLIP ViT-L, 768\); this model is an unknown "
+                                                   r"family \(32 wide\)"):
+        EmbeddingManager(clip, ["*"]).load(path)

@@ -134,3 +134,34 @@ def test_cli_never_prompts(files, tmp_path, on_clash, expected_rc):
     assert out.exists() == (expected_rc == 0)
     if out.exists():
         assert list(_merged(out).vectors) == ["*", "@"]
+
+
+def test_files_of_another_family_are_refused_naming_both(tmp_path, capsys):
+    sd1, sd2 = tmp_path / "sd1.pt", tmp_path / "sd2.pt"
+    save_embedding_file(sd1, {"*": torch.zeros(1, 768)}, tokens={"*": 265})
+    save_embedding_file(sd2, {"@": torch.zeros(1, 1024)}, tokens={"@": 287})
+    out = tmp_path / "merged.pt"
+    assert _merge([sd1, sd2], out, "-sd") == 1
+    err = capsys.readouterr().err
+    assert "sd2.pt is SD 2.x (OpenCLIP ViT-H, 1024); the first file" in err and "sd1.pt is SD v1 (CLIP ViT-L, 768)" in err
+    assert not out.exists()
+
+
+def test_sdxl_file_is_refused(tmp_path, capsys):
+    import safetensors.torch
+    sdxl = tmp_path / "xl.safetensors"
+    safetensors.torch.save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(sdxl))
+    sd1 = tmp_path / "sd1.pt"
+    save_embedding_file(sd1, {"*": torch.zeros(1, 768)}, tokens={"*": 265})
+    assert _merge([sd1, sdxl], tmp_path / "merged.pt", "-sd") == 1
+    assert "xl.safetensors is SDXL (clip_l 768 + clip_g 1280); the first file" in capsys.readouterr().err
+
+
+def test_tokenizer_must_match_the_family(tmp_path, capsys):
+    sd1 = tmp_path / "sd1.pt"
+    save_embedding_file(sd1, {"*": torch.zeros(1, 768)}, tokens={"*": 265})
+    assert _merge([sd1], tmp_path / "merged.pt") == 1  # without -sd: BERT ids for a CLIP model
+    err = capsys.readouterr().err
+    assert "sd1.pt is SD v1 (CLIP ViT-L, 768), whose placeholders are clip tokens; the bert tokenizer" in err
+    assert _merge([sd1], tmp_path / "merged.pt", "-sd") == 0
+    assert f"Wrote {tmp_path / 'merged.pt'} (SD v1 (CLIP ViT-L, 768))" in capsys.readouterr().out

@@ -4,6 +4,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import transformers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -11,7 +13,7 @@ def run_python(code, tmp_path):
     env_code = textwrap.dedent(code)
     return subprocess.run([sys.executable, "-c", env_code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1",
-                               "TEXTUAL_INVERSION_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)})
+                               "PYTHONPATH": str(ROOT)})
 
 
 def test_every_module_imports_without_torchvision(tmp_path):
@@ -42,6 +44,30 @@ def test_every_module_imports_without_torchvision(tmp_path):
     """, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "imported" in result.stdout
+
+
+def test_tokenizer_writes_nothing_to_home(tmp_path):
+    """First use builds the CLIP tokenizer from the shipped BPE file without writing to ~ (no ~/.cache)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    result = run_python("""
+        from ldm.modules.encoders.clip_tokenizer import load_clip_tokenizer
+        from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+        tok = load_clip_tokenizer()
+        ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+        assert ids("*") == [265] and ids("sks") == [48136], (ids("*"), ids("sks"))
+        assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
+        embedder = FrozenCLIPEmbedder(config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=2))
+        assert embedder.tokenize(["a photo of *"])[0, :7].tolist() == [49406, 320, 1125, 539, 265, 49407, 49407]
+        print("ok")
+    """, home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+    written = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+    # Older transformers 4.x (4.35 does, 4.57 does not) write a one-byte cache-layout marker on import; 5.x nothing.
+    allowed = {".cache/huggingface/hub/version.txt"} if transformers.__version__.startswith("4.") else set()
+    assert set(written) <= allowed, written
 
 
 def test_tokenizer_encoder_training_step_and_sampling_with_sockets_disabled(tmp_path):

@@ -1,41 +1,21 @@
 """The offline CLIP tokenizer gives OpenAI's ids."""
-import importlib.util
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
 from ldm.modules.encoders import clip_tokenizer
 from ldm.modules.encoders.clip_tokenizer import (
-    BOS_TOKEN_ID, EOS_TOKEN_ID, MAX_LENGTH, VOCAB_SIZE, ensure_tokenizer_files, find_bpe_file, load_clip_tokenizer,
+    BOS_TOKEN_ID, EOS_TOKEN_ID, MAX_LENGTH, VOCAB_SIZE, find_bpe_file, load_clip_tokenizer, write_tokenizer_files,
 )
 
-CORPUS = [
-    "a photo of *",
-    "sks",
-    "a photo of sks dog",
-    "Hello, World!!! ... ?!",
-    "I ❤️ my 🐶 😀👍🏽",
-    "“curly” ‘quotes’ and don’t",
-    "fish &amp; chips &lt;3 &#39;x&#39; &amp;amp;",
-    "MiXeD CaSe TeXt",
-    "it's we'll they're I'd",
-    "  lots   of\n\twhitespace  ",
-    "naïve café Ñandú",
-    "Ã©tÃ© mojibake",
-    "12345 3.14 1e-5",
-    "<|startoftext|> a <|endoftext|>",
-    "日本語のテキスト",
-]
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """OpenAI's own tokenizer, loaded by file path (importing the clip package would pull torchvision)."""
-    path = find_bpe_file().parent / "simple_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("openai_simple_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SimpleTokenizer(str(find_bpe_file()))
+# ids of OpenAI's own SimpleTokenizer for a varied corpus (see "source" in the file)
+REFERENCE = json.loads((Path(__file__).parent / "data" / "openai_clip_ids.json").read_text(encoding="utf-8"))["ids"]
+CORPUS = list(REFERENCE)
+LONG_TEXT = " ".join(f"word{i} and more" for i in range(60))
+# sha256 of OpenAI's bpe_simple_vocab_16e6.txt.gz (github.com/openai/CLIP, clip/bpe_simple_vocab_16e6.txt.gz)
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +23,15 @@ def tokenizer():
     return load_clip_tokenizer()
 
 
+def test_shipped_bpe_file_is_openais():
+    assert hashlib.sha256(find_bpe_file().read_bytes()).hexdigest() == BPE_SHA256
+    licence = (find_bpe_file().parent / "LICENSE").read_text()
+    assert "MIT License" in licence and "Copyright (c) 2021 OpenAI" in licence
+
+
 @pytest.mark.parametrize("text", CORPUS)
-def test_ids_equal_openai(tokenizer, reference, text):
-    assert tokenizer(text)["input_ids"] == [BOS_TOKEN_ID] + reference.encode(text) + [EOS_TOKEN_ID]
+def test_ids_equal_openai(tokenizer, text):
+    assert tokenizer(text)["input_ids"] == [BOS_TOKEN_ID] + REFERENCE[text] + [EOS_TOKEN_ID]
 
 
 def test_known_ids(tokenizer):
@@ -55,11 +41,10 @@ def test_known_ids(tokenizer):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (49406, 49407, 49407)
 
 
-def test_long_text_truncated_to_77(tokenizer, reference):
-    text = " ".join(f"word{i} and more" for i in range(60))
-    ids = tokenizer(text, truncation=True, max_length=MAX_LENGTH, padding="max_length")["input_ids"]
+def test_long_text_truncated_to_77(tokenizer):
+    ids = tokenizer(LONG_TEXT, truncation=True, max_length=MAX_LENGTH, padding="max_length")["input_ids"]
     assert len(ids) == MAX_LENGTH
-    assert ids == [BOS_TOKEN_ID] + reference.encode(text)[:MAX_LENGTH - 2] + [EOS_TOKEN_ID]
+    assert ids == [BOS_TOKEN_ID] + REFERENCE[LONG_TEXT][:MAX_LENGTH - 2] + [EOS_TOKEN_ID]
 
 
 def test_short_text_padded_with_end_token(tokenizer):
@@ -70,10 +55,8 @@ def test_short_text_padded_with_end_token(tokenizer):
     assert (ids[0, 6:] == EOS_TOKEN_ID).all()
 
 
-def test_cache_built_atomically_in_env_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TEXTUAL_INVERSION_CACHE", str(tmp_path / "cache"))
-    directory = ensure_tokenizer_files()
-    assert directory == tmp_path / "cache"
+def test_tokenizer_files_for_transformers(tmp_path):
+    directory = write_tokenizer_files(tmp_path / "tok")
     assert sorted(p.name for p in directory.iterdir()) == ["merges.txt", "vocab.json"]
     vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
     merges = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
@@ -88,7 +71,8 @@ def test_local_tokenizer_directory(tokenizer, tmp_path):
     assert local("a “curly” &amp; photo of *")["input_ids"] == tokenizer("a “curly” &amp; photo of *")["input_ids"]
 
 
-def test_missing_clip_package_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(clip_tokenizer.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps clip-anytorch"):
+def test_missing_bpe_file_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(clip_tokenizer, "BPE_PATH", tmp_path / "gone.txt.gz")
+    with pytest.raises(FileNotFoundError, match="git checkout -- models/clip/"):
         find_bpe_file()
+

@@ -4,9 +4,14 @@ Formats read (recognised by content, the extension only picks the container):
   official   {"string_to_token": {s: tensor(id)}, "string_to_param": {s: [n, d]}, "name", "step"}; files written
              by the original code pickle an nn.ParameterDict, read here through an inert stand-in.
   a1111      AUTOMATIC1111 .pt: one term under string_to_param["*"], plus name, step, sd_checkpoint(_name).
+  a1111-png  the same dict as JSON in a PNG (text chunk or pixels; see ldm.modules.embedding_png).
   a1111-safetensors / kohya   {"emb_params": [n, d]} in .safetensors (kohya also in .pt).
   diffusers  {placeholder_token: [d] or [n, d]} in learned_embeds.safetensors / .bin.
-Vectors always come back as float32 [n, d].
+Vectors always come back as float32 [n, d], keyed by the word a user types for them, as their own tools do:
+the stored placeholder for official and diffusers files, the FILE NAME for AUTOMATIC1111 and kohya files
+(the webui ignores their stored name), the stored name for PNGs.
+
+Every file's model family is recognised by its widths (FAMILIES) and a mismatch with the target is refused.
 """
 import functools
 import os
@@ -18,11 +23,39 @@ import safetensors.torch
 import torch
 
 from ldm.checkpoint import PickledObject, atomic_write, load_checkpoint
+from ldm.modules.embedding_png import is_png, preview_image, read_png_embedding, write_png_embedding
 
-FORMATS = ("official", "a1111", "a1111-safetensors", "diffusers", "kohya")
-ONE_TERM_FORMATS = ("a1111", "a1111-safetensors", "diffusers", "kohya")
+FORMATS = ("official", "a1111", "a1111-png", "a1111-safetensors", "diffusers", "kohya")
+ONE_TERM_FORMATS = ("a1111", "a1111-png", "a1111-safetensors", "diffusers", "kohya")
+# Token-embedding widths of each text encoder, in the order a model's encoders come.
+FAMILIES = {
+    (768,): "SD v1 (CLIP ViT-L, 768)",
+    (1024,): "SD 2.x (OpenCLIP ViT-H, 1024)",
+    (1280,): "LDM-1.4B (BERT, 1280)",
+    (768, 1280): "SDXL (clip_l 768 + clip_g 1280)",
+}
+SUPPORTED_FAMILIES = "SD v1 768, SD 2.x 1024 or LDM-1.4B 1280"
+# Which tokenizer gives the token ids of each single-encoder family (OpenCLIP uses OpenAI's BPE vocabulary).
+FAMILY_TOKENIZERS = {(768,): "clip", (1024,): "clip", (1280,): "bert"}
+# Families by the names the command-line tools take.
+FAMILY_NAMES = {"sd-v1": (768,), "sd-2": (1024,), "ldm-1.4b": (1280,)}
+IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg", ".avif", ".jxl")
 PARAMETER_DICT = "torch.nn.modules.container.ParameterDict"
 A1111_STAR_TOKEN = 265  # CLIP id of "*", which AUTOMATIC1111 writes as the (unused) placeholder token
+
+
+class EmbeddingFamilyError(ValueError):
+    """An embedding file made for another model family than the target, or of a family not read here."""
+
+    def __init__(self, message, widths=None):
+        super().__init__(message)
+        self.widths = widths
+
+
+def describe_widths(widths):
+    """The model family of token-embedding widths, e.g. (768,) -> "SD v1 (CLIP ViT-L, 768)"."""
+    widths = tuple(int(w) for w in widths)
+    return FAMILIES.get(widths, f"an unknown family ({' + '.join(map(str, widths))} wide)")
 
 
 @dataclass
@@ -32,6 +65,32 @@ class EmbeddingFile:
     name: str = None
     step: int = None
     format: str = "official"
+
+    @property
+    def widths(self):
+        return (next(iter(self.vectors.values())).shape[-1],)
+
+    @property
+    def family(self):
+        return describe_widths(self.widths)
+
+
+def check_family(path, widths, target_widths, target="this model"):
+    """Refuse a file of `widths` for a target of `target_widths`, naming both families."""
+    if tuple(widths) != tuple(target_widths):
+        raise EmbeddingFamilyError(
+            f"{path} is {describe_widths(widths)}; {target} is {describe_widths(target_widths)}: "
+            "the embedding was made for another model.")
+
+
+def check_tokenizer(path, widths, tokenizer):
+    """Refuse token ids from `tokenizer` for a file of a known family that uses the other tokenizer."""
+    expected = FAMILY_TOKENIZERS.get(tuple(widths))
+    if expected is not None and tokenizer != expected:
+        users = " / ".join(describe_widths(w) for w, t in FAMILY_TOKENIZERS.items() if t == tokenizer)
+        raise EmbeddingFamilyError(
+            f"{path} is {describe_widths(widths)}, whose placeholders are {expected} tokens; the {tokenizer} "
+            f"tokenizer is for {users}.")
 
 
 def _plain_mapping(value):
@@ -68,38 +127,43 @@ def _safetensors_metadata(path):
         return f.metadata() or {}
 
 
-def load_embedding_file(path):
-    """Read any supported embedding file; see the module docstring for the layouts."""
-    path = os.fspath(path)
+def _a1111_file(data, path, name, fmt):
+    params = _plain_mapping(data["string_to_param"])
+    if len(params) != 1:
+        raise ValueError(f"{path}: an AUTOMATIC1111 file holds one term, found {sorted(params)}")
+    return EmbeddingFile({name: _as_matrix(next(iter(params.values())), path, name)}, {name: None},
+                         data.get("name") or Path(path).stem, _optional_int(data.get("step")), fmt)
+
+
+def _read(path):
+    stem = Path(path).stem
+    if os.path.isfile(path) and is_png(path):  # sniffing a FIFO or device would block: only regular files
+        data = read_png_embedding(path)
+        return _a1111_file(data, path, data.get("name") or stem, "a1111-png")
+    if path.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(f"{path} is not a PNG image: image embeddings (AUTOMATIC1111's) are read from PNGs only")
     data = load_checkpoint(path, extra_stand_ins=(PARAMETER_DICT,))
     meta = _safetensors_metadata(path)
-    stem = Path(path).stem
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not an embedding file (holds a {type(data).__name__}, expected a dict)")
     keys = sorted(map(str, data))
     if "clip_l" in data or "clip_g" in data:
-        raise ValueError(
-            f"{path} is an SDXL embedding (keys {keys}); its clip_l/clip_g vectors do not fit the single "
-            "SD1 CLIP text encoder this code uses."
-        )
+        widths = tuple(_as_matrix(data[k], path, k).shape[-1] for k in ("clip_l", "clip_g") if k in data)
+        raise EmbeddingFamilyError(
+            f"{path} is {describe_widths(widths)}: an SDXL embedding holds vectors for two text encoders; "
+            f"this code reads single-encoder embeddings ({SUPPORTED_FAMILIES}).", widths)
     if "string_to_param" in data:
-        params = _plain_mapping(data["string_to_param"])
-        step = _optional_int(data.get("step"))
         if "sd_checkpoint" in data or "sd_checkpoint_name" in data:
-            if len(params) != 1:
-                raise ValueError(f"{path}: an AUTOMATIC1111 file holds one term, found {sorted(params)}")
-            name = data.get("name") or stem
-            return EmbeddingFile({name: _as_matrix(next(iter(params.values())), path, name)},
-                                 {name: None}, name, step, "a1111")
+            return _a1111_file(data, path, stem, "a1111")
+        params = _plain_mapping(data["string_to_param"])
         tokens = _plain_mapping(data.get("string_to_token", {}))
         vectors = {s: _as_matrix(v, path, s) for s, v in params.items()}
         return EmbeddingFile(vectors, {s: _token_id(tokens.get(s)) for s in vectors},
-                             data.get("name"), step, "official")
+                             data.get("name"), _optional_int(data.get("step")), "official")
     if set(data) == {"emb_params"}:
-        name = meta.get("name") or stem
         fmt = "a1111-safetensors" if meta.get("format") == "a1111-safetensors" else "kohya"
-        return EmbeddingFile({name: _as_matrix(data["emb_params"], path, name)}, {name: None},
-                             name, _optional_int(meta.get("step")), fmt)
+        return EmbeddingFile({stem: _as_matrix(data["emb_params"], path, stem)}, {stem: None},
+                             meta.get("name") or stem, _optional_int(meta.get("step")), fmt)
     looks_like_diffusers = data and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim in (1, 2) for k, v in data.items()
     )
@@ -108,6 +172,34 @@ def load_embedding_file(path):
         return EmbeddingFile(vectors, {k: None for k in vectors}, meta.get("name"),
                              _optional_int(meta.get("step")), "diffusers")
     raise ValueError(f"{path}: unrecognised embedding layout; keys found: {keys}")
+
+
+def load_embedding_file(path, target_widths=None, target="this model"):
+    """Read any supported embedding file (see the module docstring).
+
+    With `target_widths` (the token-embedding widths of the model it is for), a file of another family is
+    refused with an EmbeddingFamilyError naming both families.
+    """
+    path = os.fspath(path)
+    try:
+        emb = _read(path)
+    except EmbeddingFamilyError as err:
+        if target_widths is not None and err.widths is not None:
+            check_family(path, err.widths, target_widths, target)
+        raise
+    if not emb.vectors:
+        raise ValueError(f"{path}: the embedding file holds no vectors")
+    widths = {key: vec.shape[-1] for key, vec in emb.vectors.items()}
+    if len(set(widths.values())) > 1:
+        listed = ", ".join(f"{key}: {width}" for key, width in widths.items())
+        against = "" if target_widths is None else f"; {target} is {describe_widths(target_widths)}"
+        raise EmbeddingFamilyError(
+            f"{path} holds vectors of different widths ({listed}), so they are not concepts of one model; "
+            f"768 + 1280 is a two-encoder (SDXL) embedding in a layout this code does not know. It reads "
+            f"single-encoder embeddings ({SUPPORTED_FAMILIES}){against}.")
+    if target_widths is not None:
+        check_family(path, emb.widths, target_widths, target)
+    return emb
 
 
 def _plain_tensor(tensor):
@@ -146,7 +238,7 @@ def save_embedding_file(path, vectors, tokens=None, name=None, step=None, fmt="o
             "name": name,
             "step": step,
         }
-    elif fmt == "a1111":
+    elif fmt in ("a1111", "a1111-png"):
         payload = {
             "string_to_token": {"*": A1111_STAR_TOKEN},
             "string_to_param": {"*": vec},
@@ -160,8 +252,15 @@ def save_embedding_file(path, vectors, tokens=None, name=None, step=None, fmt="o
     else:  # a1111-safetensors, kohya
         payload = {"emb_params": vec}
 
+    if fmt == "a1111-png":
+        if not path.lower().endswith(".png"):
+            raise ValueError(f"The a1111-png format needs a .png path, got {path}")
+        atomic_write(path, lambda tmp: write_png_embedding(tmp, payload, preview_image(vec)))
+        return path
     if fmt == "a1111-safetensors" and not path.endswith(".safetensors"):
         raise ValueError(f"The a1111-safetensors format needs a .safetensors path, got {path}")
+    if path.lower().endswith(".png"):
+        raise ValueError(f"{path} ends in .png: use the a1111-png format for a PNG embedding")
     if path.endswith(".safetensors"):
         if fmt in ("official", "a1111"):
             raise ValueError(f"The {fmt} format is a pickled .pt file; {path} ends in .safetensors")
@@ -169,6 +268,12 @@ def save_embedding_file(path, vectors, tokens=None, name=None, step=None, fmt="o
     else:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
+
+
+def single_token_id(token_ids_of, string):
+    """The token id of `string` when it is exactly one token for `token_ids_of` (string -> ids), else None."""
+    ids = token_ids_of(string)
+    return ids[0] if len(ids) == 1 else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,9 +291,24 @@ def single_token_lookup(tokenizer="clip"):
         tok = BERTTokenizer().tokenizer
     else:
         raise ValueError(f"Unknown tokenizer {tokenizer!r}; use 'clip' or 'bert'")
+    return functools.partial(single_token_id, lambda string: tok(string, add_special_tokens=False)["input_ids"])
 
-    def lookup(string):
-        ids = tok(string, add_special_tokens=False)["input_ids"]
-        return ids[0] if len(ids) == 1 else None
 
-    return lookup
+class EmbeddingLoadError(ValueError):
+    """--embedding_path could not be used with this model; the message says which file and why."""
+
+
+def load_embeddings(model, paths, placeholder_strings=None, config="the model's config"):
+    """Load embedding files into `model`'s embedding manager (the scripts' --embedding_path), printing the word
+    each concept answers to."""
+    manager = getattr(model, "embedding_manager", None)
+    if manager is None:
+        raise EmbeddingLoadError(f"{config} has no personalization_config, so it cannot use --embedding_path.")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    try:
+        loaded = manager.load(paths, placeholder_strings=placeholder_strings)
+    except (ValueError, OSError) as err:  # unreadable file, other model family, name clash, count mismatch
+        raise EmbeddingLoadError(f"Could not load embeddings from {', '.join(map(str, paths))}: {err}") from err
+    for word, path, count in loaded:  # the words to type, which users otherwise have to guess
+        print(f"Embedding {word!r} ({count} vector{'s' if count != 1 else ''}) from {path}")
+    return loaded

@@ -3,11 +3,17 @@
 The EmbeddingManager owns one small matrix of vectors per placeholder string (such as "*") and, called by the
 text encoder right after its token-embedding lookup, swaps the placeholder's embedding for those vectors.
 Only these vectors are trained; the text encoder and the diffusion model stay frozen.
+
+Loaded concepts may also be named by any string, such as an AUTOMATIC1111 file name ("EasyNegative"): its token
+sequence in the prompt is replaced by its vectors, longest name first, as the webui does.
 """
 import os
+import warnings
 
 import torch
 from torch import nn
+
+from ldm.modules.embedding_io import single_token_id
 
 DEFAULT_PLACEHOLDER_TOKEN = ["*"]
 
@@ -34,7 +40,8 @@ class EmbeddingManager(nn.Module):
         # A bound method, not a submodule: the embedder's weights belong to the text encoder, not to us.
         self._token_ids_of = embedder.string_to_token_ids
         self.token_dim = embedder.embedding_dim
-        self.string_to_token_dict = {}
+        self.string_to_token_dict = {}  # one-token concepts: string -> tensor(id), as in the original
+        self.string_to_token_sequence = {}  # concepts of several tokens: string -> tuple of ids
         self.string_to_param_dict = nn.ParameterDict()
         self.initial_embeddings = nn.ParameterDict()  # fixed targets of the regulariser, never optimized
         self.progressive_words = progressive_words
@@ -61,12 +68,13 @@ class EmbeddingManager(nn.Module):
 
     # ------------------------------------------------------------------ construction
     def _single_token(self, string, origin="placeholder string"):
-        ids = self._token_ids_of(string)
-        if len(ids) != 1:
+        token = single_token_id(self._token_ids_of, string)
+        if token is None:
             raise ValueError(
-                f"The {origin} {string!r} is {len(ids)} tokens for this text encoder's tokenizer, but a placeholder "
-                "must be exactly one token. Choose another string (for CLIP, '*' or a rare word such as 'sks').")
-        return ids[0]
+                f"The {origin} {string!r} is {len(self._token_ids_of(string))} tokens for this text encoder's "
+                "tokenizer, but a trained placeholder must be exactly one token. Choose another string (for CLIP, "
+                "'*' or a rare word such as 'sks').")
+        return token
 
     def _initial_vectors(self, token_embedding, word, num_vectors):
         ids = self._token_ids_of(word)
@@ -81,14 +89,26 @@ class EmbeddingManager(nn.Module):
         fill = embeddings.mean(dim=0, keepdim=True).expand(num_vectors - len(ids), -1)
         return torch.cat([embeddings, fill])
 
-    def _set_placeholder(self, string, token, vectors):
-        """Add or replace the vectors of `string` (token id `token`)."""
-        clash = [s for s, t in self.string_to_token_dict.items() if s != string and int(t) == token]
+    def _token_sequences(self):
+        sequences = {s: (int(t),) for s, t in self.string_to_token_dict.items()}
+        return {**sequences, **self.string_to_token_sequence}
+
+    def _set_placeholder(self, string, token_ids, vectors):
+        """Add or replace the vectors of `string`, written as the token ids `token_ids` (an int or a sequence)."""
+        ids = (token_ids,) if isinstance(token_ids, int) else tuple(token_ids)
+        clash = [s for s, seq in self._token_sequences().items() if s != string and seq == ids]
         if clash:
-            raise ValueError(f"Placeholder {string!r} is the same token as placeholder {clash[0]!r}; use another string.")
+            raise ValueError(f"Placeholder {string!r} is the same token(s) as placeholder {clash[0]!r} for this "
+                             "text encoder's tokenizer, so a prompt could not tell them apart; use another string.")
         device = self._placeholder_ids.device
-        self.string_to_token_dict[string] = torch.tensor(token)
+        self.string_to_token_dict.pop(string, None)
+        self.string_to_token_sequence.pop(string, None)
+        if len(ids) == 1:
+            self.string_to_token_dict[string] = torch.tensor(ids[0])
+        else:
+            self.string_to_token_sequence[string] = ids
         self.string_to_param_dict[string] = nn.Parameter(vectors.float().to(device), requires_grad=True)
+        # The original's one-token path (forward) uses these; it runs only while every concept is one token.
         self._placeholder_ids = torch.tensor([int(t) for t in self.string_to_token_dict.values()], device=device)
         self._vector_counts = torch.tensor([p.shape[0] for p in self.string_to_param_dict.values()], device=device)
 
@@ -108,10 +128,12 @@ class EmbeddingManager(nn.Module):
 
         A placeholder with several vectors takes several positions: the following tokens shift right and the
         row is cut back to n. A row that overflows keeps its last token (end/pad), as the tokenizer's truncation
-        does.
+        does. Concepts named by several tokens take the general path, _replace_sequences.
         """
         if not self.string_to_param_dict:
             return embedded_text
+        if self.string_to_token_sequence:
+            return self._replace_sequences(tokenized_text, embedded_text, self.num_active_vectors())
         # (b, n, P): which placeholder, if any, each token is; placeholder token ids are distinct.
         matches = tokenized_text.unsqueeze(-1) == self._placeholder_ids
         active = self.num_active_vectors()
@@ -144,6 +166,41 @@ class EmbeddingManager(nn.Module):
         last = torch.where(overflow, embedded_text[:, -1], out[:, -1])
         return torch.cat([out[:, :-1], last.unsqueeze(1)], dim=1)
 
+    def _replace_sequences(self, tokenized_text, embedded_text, active):
+        """Every concept's token sequence replaced by its vectors, longest sequence first at each position.
+
+        Rows stay n long: a row that grows keeps its first n - 1 positions and its last token (end/pad), like the
+        one-token path, warning when more than padding is lost; a row that shrinks is padded with its last token.
+        """
+        b, n, d = embedded_text.shape
+        by_first = {}
+        for string, ids in sorted(self._token_sequences().items(), key=lambda item: -len(item[1])):
+            by_first.setdefault(ids[0], []).append((ids, string))
+        rows, longest = [], 0
+        for row_ids, row in zip(tokenized_text.tolist(), embedded_text):
+            pieces, start, i = [], 0, 0
+            while i < n:
+                match = next((m for m in by_first.get(row_ids[i], ()) if tuple(row_ids[i:i + len(m[0])]) == m[0]),
+                             None)
+                if match is None:
+                    i += 1
+                    continue
+                ids, string = match
+                pieces += [row[start:i], self.string_to_param_dict[string][:active].to(row.dtype)]
+                i = start = i + len(ids)
+            pieces.append(row[start:])
+            out = torch.cat(pieces)
+            padding = next((k for k, token in enumerate(reversed(row_ids)) if token != row_ids[-1]), n) - 1
+            longest = max(longest, out.shape[0] - padding)  # the prompt's own length: bos, text, vectors, eos
+            if out.shape[0] > n:
+                out = torch.cat([out[:n - 1], row[-1:]])
+            rows.append(torch.cat([out, row[-1:].expand(n - out.shape[0], d)]))
+        if longest > n:
+            warnings.warn(f"A prompt with its embedding vectors is {longest} positions long; the text encoder takes "
+                          f"{n}, so it was cut to {n} (the end token kept). Use fewer or shorter embeddings per "
+                          "prompt.", stacklevel=2)
+        return torch.stack(rows)
+
     # ------------------------------------------------------------------ training helpers
     def embedding_parameters(self):
         return self.string_to_param_dict.parameters()
@@ -169,6 +226,11 @@ class EmbeddingManager(nn.Module):
         """Write the official format (plain tensors, loadable with torch.load(weights_only=True))."""
         from ldm.modules.embedding_io import save_embedding_file
         strings = list(self.string_to_param_dict)
+        if self.string_to_token_sequence:
+            raise ValueError(
+                f"{', '.join(map(repr, self.string_to_token_sequence))}: several tokens each, which the official "
+                "format (one token id per placeholder) cannot store; save such a concept with "
+                "scripts/convert_embedding.py --to a1111 from the file it came from.")
         return save_embedding_file(
             ckpt_path, vectors={s: p.detach() for s, p in self.string_to_param_dict.items()},
             tokens={s: int(t) for s, t in self.string_to_token_dict.items()},
@@ -177,33 +239,54 @@ class EmbeddingManager(nn.Module):
     def load(self, ckpt_paths, placeholder_strings=None):
         """Add (or replace) the concepts of one or several embedding files of any supported format.
 
-        Each concept keeps the vector count of its file. `placeholder_strings` renames the loaded concepts, in
-        order, e.g. to use a diffusers "<cat-toy>" or an AUTOMATIC1111 name as a one-token string such as "*".
+        Each concept keeps the vector count of its file and answers to the word its own tools use (an
+        AUTOMATIC1111 .pt/.safetensors file to its file name, see ldm.modules.embedding_io), which may be
+        several tokens. `placeholder_strings` renames the loaded concepts, in order. Files of another model
+        family, and two loaded concepts a prompt could not tell apart, are refused; a concept named by an
+        ordinary word gets a warning (unless named by `placeholder_strings`), since that word now means the concept.
+        Returns (word, file, number of vectors) for each loaded concept.
         """
         from ldm.modules.embedding_io import load_embedding_file
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
-        loaded = [(path, name, vectors) for path in paths for name, vectors in load_embedding_file(path).vectors.items()]
+        loaded = [(path, name, vectors) for path in paths
+                  for name, vectors in load_embedding_file(path, target_widths=(self.token_dim,)).vectors.items()]
         if placeholder_strings is not None:
             placeholder_strings = [placeholder_strings] if isinstance(placeholder_strings, str) else placeholder_strings
             if len(placeholder_strings) != len(loaded):
                 raise ValueError(
                     f"placeholder_strings has {len(placeholder_strings)} entries but the files hold {len(loaded)} "
                     f"concepts ({', '.join(name for _, name, _ in loaded)}); give one string per concept.")
-        for i, (path, name, vectors) in enumerate(loaded):
-            string = placeholder_strings[i] if placeholder_strings is not None else name
-            if vectors.shape[-1] != self.token_dim:
-                raise ValueError(
-                    f"{path}: the vectors of {name!r} are {vectors.shape[-1]} wide but this text encoder's token "
-                    f"embeddings are {self.token_dim} wide: the file was made for another model.")
+        strings = [placeholder_strings[i] if placeholder_strings is not None else name
+                   for i, (_, name, _) in enumerate(loaded)]
+        self._check_new_names(list(zip(strings, (path for path, _, _ in loaded))),
+                              named_by_user=placeholder_strings is not None)
+        for string, (path, name, vectors) in zip(strings, loaded):
             ids = self._token_ids_of(string)
-            if len(ids) != 1:
-                raise ValueError(
-                    f"{path}: the concept name {string!r} is {len(ids)} tokens for this text encoder's tokenizer, "
-                    "but a placeholder must be exactly one token. Map it to a one-token string with "
-                    "load(paths, placeholder_strings=['*']) (one string per loaded concept, in order), "
-                    "or --placeholder_string on the command line.")
+            if not ids:
+                raise ValueError(f"{path}: the concept name {string!r} has no tokens for this text encoder's "
+                                 "tokenizer; give it a name with --placeholder_string.")
             # The regulariser's target only makes sense for vectors of the shape it was made for.
             initial = self.initial_embeddings[string] if string in self.initial_embeddings else None
             if initial is not None and initial.shape != vectors.shape:
                 del self.initial_embeddings[string]
-            self._set_placeholder(string, ids[0], vectors)
+            self._set_placeholder(string, ids, vectors)
+        return [(string, path, vectors.shape[0]) for string, (path, _, vectors) in zip(strings, loaded)]
+
+    def _check_new_names(self, named_paths, named_by_user):
+        """Refuse two loaded concepts a prompt cannot tell apart; warn about names taken from the files that are
+        ordinary words (a name the user gave was chosen knowingly)."""
+        seen = {}
+        for string, path in named_paths:
+            ids = tuple(self._token_ids_of(string))
+            if ids in seen:
+                other_string, other_path = seen[ids]
+                raise ValueError(
+                    f"{path} and {other_path} both answer to {string!r}" + (
+                        "" if string == other_string else f" / {other_string!r} (the same tokens)") +
+                    ": a prompt could not tell them apart. Rename one with --placeholder_string (one string per "
+                    "loaded concept, in order).")
+            seen[ids] = (string, path)
+            if not named_by_user and len(ids) == 1 and string.strip().isalpha():
+                warnings.warn(f"The embedding {string!r} from {path} is named by an ordinary word of the "
+                              f"tokenizer: {string!r} in a prompt now means this concept, not the word. Rename it "
+                              "with --placeholder_string if you want the word.", stacklevel=3)

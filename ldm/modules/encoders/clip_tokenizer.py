@@ -1,16 +1,15 @@
 """The CLIP tokenizer of Stable Diffusion v1, built offline.
 
-OpenAI's BPE file `bpe_simple_vocab_16e6.txt.gz` ships inside the PyPI package `clip-anytorch`.
-We locate it without importing that package (importing it pulls torchvision), turn it into the
-`vocab.json` + `merges.txt` pair that `transformers.CLIPTokenizer` reads, exactly the way OpenAI's
-`simple_tokenizer.py` builds its vocabulary, and cache the pair on disk. Text is cleaned like
-OpenAI does (ftfy, HTML unescape, whitespace) so the ids match OpenAI's tokenizer.
+OpenAI's BPE file `bpe_simple_vocab_16e6.txt.gz` ships in this repository (models/clip/, MIT licence, see the
+README there). We turn it into the `vocab.json` + `merges.txt` pair that `transformers.CLIPTokenizer` reads,
+exactly the way OpenAI's `simple_tokenizer.py` builds its vocabulary, in a temporary directory that is removed
+right after loading (0.2 s): nothing is written to the user's home. Text is cleaned like OpenAI does (ftfy,
+HTML unescape, whitespace) so the ids match OpenAI's tokenizer.
 """
+import functools
 import gzip
 import html
-import importlib.util
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -29,16 +28,16 @@ MAX_LENGTH = 77
 NUM_MERGES = 49152 - 256 - 2
 
 
+BPE_PATH = Path(__file__).resolve().parents[3] / "models" / "clip" / BPE_FILENAME
+
+
 def find_bpe_file():
-    """Path of OpenAI's BPE file inside the installed clip-anytorch package (not imported)."""
-    spec = importlib.util.find_spec("clip")
-    path = Path(spec.origin).parent / BPE_FILENAME if spec is not None and spec.origin else None
-    if path is None or not path.is_file():
+    """Path of OpenAI's BPE file shipped in models/clip/."""
+    if not BPE_PATH.is_file():
         raise FileNotFoundError(
-            f"The CLIP BPE vocabulary ({BPE_FILENAME}) was not found. It ships in the PyPI package "
-            "clip-anytorch; install it without its dependencies: pip install --no-deps clip-anytorch"
-        )
-    return path
+            f"The CLIP BPE vocabulary {BPE_PATH} is missing; it is part of this repository: restore it with "
+            f"`git checkout -- models/clip/{BPE_FILENAME}` (or copy it from OpenAI's CLIP repository).")
+    return BPE_PATH
 
 
 def bytes_to_unicode():
@@ -70,33 +69,19 @@ def build_vocab_and_merges(bpe_path):
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def tokenizer_cache_dir():
-    default = Path.home() / ".cache" / "textual_inversion" / "clip_tokenizer"
-    return Path(os.environ.get("TEXTUAL_INVERSION_CACHE", default))
+@functools.lru_cache(maxsize=1)
+def _vocab_and_merges():
+    return build_vocab_and_merges(find_bpe_file())
 
 
-def _write_atomically(path, text):
-    # Several processes (DDP ranks, parallel tests) may build the cache at once: never expose a partial file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def ensure_tokenizer_files(cache_dir=None):
-    """Directory holding vocab.json and merges.txt derived from OpenAI's BPE file (built once)."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else tokenizer_cache_dir()
-    vocab_path, merges_path = cache_dir / "vocab.json", cache_dir / "merges.txt"
-    if not (vocab_path.is_file() and merges_path.is_file()):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        vocab, merges = build_vocab_and_merges(find_bpe_file())
-        _write_atomically(merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")
-        _write_atomically(vocab_path, json.dumps(vocab, ensure_ascii=False))
-    return cache_dir
+def write_tokenizer_files(directory):
+    """Write vocab.json and merges.txt for transformers.CLIPTokenizer into `directory`; returns it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _vocab_and_merges()
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    return directory
 
 
 def clean_text(text):
@@ -133,10 +118,13 @@ class OpenAICLIPTokenizer(CLIPTokenizer):
 def load_clip_tokenizer(path=None, max_length=MAX_LENGTH):
     """The CLIP tokenizer from `path` (a local directory with tokenizer files) or from OpenAI's BPE file."""
     if path is None:
-        path = ensure_tokenizer_files()
-    elif not Path(path).is_dir():
+        # transformers 4.x reads vocab/merges only from files: a temporary directory, gone once they are read.
+        with tempfile.TemporaryDirectory(prefix="clip_tokenizer_") as tmp:
+            return _from_directory(write_tokenizer_files(tmp), max_length)
+    if not Path(path).is_dir():
         raise FileNotFoundError(f"Tokenizer directory {path!r} does not exist.")
-    tokenizer_dir = Path(path) / "tokenizer" if (Path(path) / "tokenizer").is_dir() else Path(path)
-    return OpenAICLIPTokenizer.from_pretrained(
-        str(tokenizer_dir), local_files_only=True, model_max_length=max_length
-    )
+    return _from_directory(Path(path) / "tokenizer" if (Path(path) / "tokenizer").is_dir() else Path(path), max_length)
+
+
+def _from_directory(tokenizer_dir, max_length):
+    return OpenAICLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, model_max_length=max_length)
