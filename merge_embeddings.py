@@ -3,7 +3,8 @@
     python merge_embeddings.py --manager_ckpts a.pt b.pt c.safetensors --output_path merged.pt -sd
 
 Runs on CPU and never prompts. All files must be of one model family (by their widths: SD v1 768, SD 2.x 1024,
-LDM-1.4B 1280), matching the tokenizer (-sd: CLIP; otherwise BERT). When two files use the same placeholder
+LDM-1.4B 1280, SDXL clip_l 768 + clip_g 1280), matching the tokenizer (-sd: CLIP, for SD v1, SD 2.x and SDXL;
+otherwise BERT). SDXL files merge into the project's official SDXL layout (one vector set per text encoder). When two files use the same placeholder
 string, --on_clash decides:
 error (default; nothing is written), rename (the later concept gets a new single-token placeholder, taken from
 --rename_to in order or chosen automatically), skip (keep the first) or overwrite (keep the last).
@@ -37,16 +38,19 @@ class _Tokens:
 
 
 def merge_embeddings(paths, on_clash="error", rename_to=(), tokenizer="clip"):
-    """Returns (vectors, tokens, sources), each keyed by the merged placeholder strings, in file order."""
+    """Returns (vectors, tokens, sources), each keyed by the merged placeholder strings, in file order.
+
+    For SDXL files `vectors` is {encoder key: {placeholder: [n, d]}}, as save_embedding_file takes it.
+    """
     first = load_embedding_file(paths[0])
     check_tokenizer(paths[0], first.widths, tokenizer)
     files = [(paths[0], first)] + [
         (path, load_embedding_file(path, target_widths=first.widths, target=f"the first file {paths[0]}"))
         for path in paths[1:]]
     token_for = _Tokens(tokenizer)
-    every_placeholder = {s for _, f in files for s in f.vectors}
+    every_placeholder = {s for _, f in files for s in f.concepts}
     renames = iter(rename_to)
-    vectors, tokens, sources = {}, {}, {}
+    by_encoder, tokens, sources = {key: {} for key in first.by_encoder}, {}, {}
 
     def new_placeholder(old, path):
         explicit = next(renames, None)
@@ -61,8 +65,8 @@ def merge_embeddings(paths, on_clash="error", rename_to=(), tokenizer="clip"):
         raise MergeError(f"No free single-token placeholder left for {old!r} from {path}; pass --rename_to")
 
     for path, emb in files:
-        for string, vec in emb.vectors.items():
-            token = emb.tokens.get(string)
+        for original in emb.concepts:
+            string, token = original, emb.tokens.get(original)
             if token is None:
                 token = token_for(string)
                 if token is None:
@@ -70,7 +74,7 @@ def merge_embeddings(paths, on_clash="error", rename_to=(), tokenizer="clip"):
                         f"Concept {string!r} from {path} is not a single {tokenizer} token, so it cannot be a "
                         "placeholder; rename it with scripts/convert_embedding.py --name <single token> first"
                     )
-            if string in vectors:
+            if string in sources:
                 clash = f"Placeholder {string!r} from {path} is already used by {sources[string]}"
                 if on_clash == "error":
                     raise MergeError(f"{clash}; rerun with --on_clash rename, skip or overwrite")
@@ -82,8 +86,10 @@ def merge_embeddings(paths, on_clash="error", rename_to=(), tokenizer="clip"):
                     print(f"{clash}: renamed to {string!r}")
                 else:
                     print(f"{clash}: overwritten")
-            vectors[string], tokens[string], sources[string] = vec, token, path
-    return vectors, tokens, sources
+            for key, vectors in emb.by_encoder.items():
+                by_encoder[key][string] = vectors[original]
+            tokens[string], sources[string] = token, path
+    return (by_encoder if first.multi_encoder else by_encoder[None]), tokens, sources
 
 
 def parse_args(argv=None):
@@ -109,7 +115,7 @@ def main(argv=None):
         print(f"merge_embeddings: {err}. Nothing was written.", file=sys.stderr)
         return 1
     save_embedding_file(args.output_path, vectors, tokens=tokens, fmt="official")
-    family = describe_widths((next(iter(vectors.values())).shape[-1],))
+    family = describe_widths(load_embedding_file(args.output_path).widths)
     print(f"Wrote {args.output_path} ({family}). Placeholders and their sources:")
     for string, source in sources.items():
         print(f"  {string!r}: {source}")

@@ -6,8 +6,10 @@ kohya formats.
     python scripts/convert_embedding.py --input embeddings.pt --output my-style.png --to a1111-png
 
 The input format is recognised from the file's content, its model family from its widths (SD v1 768,
-SD 2.x 1024, LDM-1.4B 1280; SDXL files are refused); --model_family refuses a file made for another family.
---name renames the concept (one-concept files only).
+SD 2.x 1024, LDM-1.4B 1280, SDXL clip_l 768 + clip_g 1280); --model_family refuses a file made for another
+family. SDXL files convert between official, a1111-safetensors, kohya and a1111-png (AUTOMATIC1111's .pt and
+diffusers' one-tensor file have no SDXL layout; diffusers reads the a1111-safetensors file, one key per text
+encoder). --name renames the concept (one-concept files only).
 """
 import argparse
 import os
@@ -28,27 +30,29 @@ def convert(input_path, output_path, to, name=None, tokenizer=None, model_family
     if tokenizer is None:
         tokenizer = FAMILY_TOKENIZERS.get(emb.widths, "clip")
     check_tokenizer(input_path, emb.widths, tokenizer)
-    vectors, tokens = dict(emb.vectors), dict(emb.tokens)
+    by_encoder, tokens = {key: dict(vectors) for key, vectors in emb.by_encoder.items()}, dict(emb.tokens)
     if name is not None:
-        if len(vectors) != 1:
-            raise ValueError(f"--name renames a single concept, but {input_path} holds {len(vectors)}: "
-                             f"{', '.join(vectors)}")
-        (old,) = vectors
-        vectors, tokens = {name: vectors[old]}, {name: tokens[old] if name == old else None}
+        if len(emb.concepts) != 1:
+            raise ValueError(f"--name renames a single concept, but {input_path} holds {len(emb.concepts)}: "
+                             f"{', '.join(emb.concepts)}")
+        (old,) = emb.concepts
+        by_encoder = {key: {name: vectors[old]} for key, vectors in by_encoder.items()}
+        tokens = {name: tokens[old] if name == old else None}
     if to == "official" and any(token is None for token in tokens.values()):
         lookup = single_token_lookup(tokenizer)
-        for string in vectors:
+        for string in tokens:
             tokens[string] = tokens[string] if tokens[string] is not None else lookup(string)
             if tokens[string] is None:
                 raise ValueError(f"{string!r} is not a single {tokenizer} token, so it cannot be an official "
                                  "placeholder; pass --name with one (e.g. --name '*')")
-    if to == "diffusers":
+    if to == "diffusers" and not emb.multi_encoder:  # an SDXL file is refused by save_embedding_file
         lookup = single_token_lookup(tokenizer)
-        for string in vectors:
+        for string in tokens:
             if lookup(string) is not None:  # diffusers refuses to add a token the tokenizer already has
                 print(f"note: {string!r} is already a word of the tokenizer; diffusers will load this file only "
                       f"with load_textual_inversion(path, token='<new-token>'), or convert again with --name "
                       f"'<my-concept>'", file=sys.stderr)
+    vectors = by_encoder if emb.multi_encoder else by_encoder[None]
     save_embedding_file(output_path, vectors, tokens=tokens, name=name or emb.name, step=emb.step, fmt=to)
     return emb
 
@@ -61,7 +65,7 @@ def main(argv=None):
     parser.add_argument("--name", default=None, help="new name / placeholder string for the concept")
     parser.add_argument("--tokenizer", choices=("clip", "bert"), default=None,
                         help="tokenizer giving placeholder token ids for the official format (default: the one of "
-                             "the file's family: clip for SD v1 and SD 2.x, bert for LDM-1.4B)")
+                             "the file's family: clip for SD v1, SD 2.x and SDXL, bert for LDM-1.4B)")
     parser.add_argument("--model_family", choices=sorted(FAMILY_NAMES), default=None,
                         help="the model the output is for: refuse a file made for another family")
     args = parser.parse_args(argv)

@@ -209,11 +209,16 @@ def test_save_errors(tmp_path):
     assert set(FORMATS) == {"official", "a1111", "a1111-png", "a1111-safetensors", "diffusers", "kohya"}
 
 
-def test_sdxl_and_unknown_layouts_are_clear_errors(tmp_path):
-    sdxl = tmp_path / "xl.safetensors"
-    safetensors.torch.save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(sdxl))
-    with pytest.raises(EmbeddingFamilyError, match=r"xl.safetensors is SDXL \(clip_l 768 \+ clip_g 1280\)"):
-        load_embedding_file(sdxl)
+def test_half_sdxl_and_unknown_layouts_are_clear_errors(tmp_path):
+    half = tmp_path / "xl.safetensors"
+    safetensors.torch.save_file({"clip_l": torch.zeros(1, 768)}, str(half))
+    with pytest.raises(ValueError, match=r"xl.safetensors: an SDXL embedding holds exactly clip_l and clip_g; "
+                                         r"clip_g missing"):
+        load_embedding_file(half)
+    uneven = tmp_path / "uneven.safetensors"
+    safetensors.torch.save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(2, 1280)}, str(uneven))
+    with pytest.raises(ValueError, match=r"uneven.safetensors: the text encoders' vector sets differ"):
+        load_embedding_file(uneven)
     model = tmp_path / "model.pt"
     torch.save({"conv.weight": torch.zeros(2, 2, 3, 3), "epoch": 3}, model)
     with pytest.raises(ValueError, match=r"model.pt.*keys found: \['conv.weight', 'epoch'\]"):
@@ -307,7 +312,8 @@ def test_private_two_width_layout_is_not_two_diffusers_concepts(tmp_path):
     path = tmp_path / "private.safetensors"
     safetensors.torch.save_file({"emb": torch.zeros(1, 768), "emb2": torch.zeros(1, 1280)}, str(path))
     with pytest.raises(EmbeddingFamilyError, match=r"private.safetensors holds vectors of different widths "
-                                                   r"\(emb: 768, emb2: 1280\).*two-encoder \(SDXL\)"):
+                                                   r"\(emb: 768, emb2: 1280\).*an SDXL embedding keeps its two "
+                                                   r"encoders. vectors under clip_l and clip_g"):
         load_embedding_file(path)
 
 
@@ -337,7 +343,12 @@ def test_convert_reports_the_family_and_writes_a1111_png(tmp_path, capsys):
     sdxl = tmp_path / "xl.safetensors"
     safetensors.torch.save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(sdxl))
     assert _convert("--input", sdxl, "--output", tmp_path / "y.pt", "--to", "a1111") == 1
-    assert "xl.safetensors is SDXL (clip_l 768 + clip_g 1280)" in capsys.readouterr().err
+    assert "The a1111 format has no SDXL layout; save " in capsys.readouterr().err
+    assert _convert("--input", sdxl, "--output", tmp_path / "y.pt", "--to", "official", "--model_family",
+                    "sd-v1") == 1
+    assert ("xl.safetensors is SDXL (clip_l 768 + clip_g 1280); --model_family sd-v1 is SD v1 (CLIP ViT-L, 768)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "y.pt").exists()
 
 
 def test_load_embeddings_gives_one_clear_error(tmp_path):

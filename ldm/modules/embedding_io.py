@@ -7,6 +7,11 @@ Formats read (recognised by content, the extension only picks the container):
   a1111-png  the same dict as JSON in a PNG (text chunk or pixels; see ldm.modules.embedding_png).
   a1111-safetensors / kohya   {"emb_params": [n, d]} in .safetensors (kohya also in .pt).
   diffusers  {placeholder_token: [d] or [n, d]} in learned_embeds.safetensors / .bin.
+SDXL files hold one vector set per text encoder, keyed by the encoder's `embedding_key` (ENCODER_KEYS):
+  a1111-safetensors / kohya / a1111-png   {"clip_l": [n, 768], "clip_g": [n, 1280]} (one concept), as
+             AUTOMATIC1111 and kohya write them; diffusers loads this file too, one key per text encoder.
+  official   the project's own: {"string_to_token": {s: id}, "string_to_param": {"clip_l": {s: [n, 768]},
+             "clip_g": {s: [n, 1280]}}, "name", "step"}, several concepts per file like SD v1's.
 Vectors always come back as float32 [n, d], keyed by the word a user types for them, as their own tools do:
 the stored placeholder for official and diffusers files, the FILE NAME for AUTOMATIC1111 and kohya files
 (the webui ignores their stored name), the stored name for PNGs.
@@ -34,11 +39,14 @@ FAMILIES = {
     (1280,): "LDM-1.4B (BERT, 1280)",
     (768, 1280): "SDXL (clip_l 768 + clip_g 1280)",
 }
-SUPPORTED_FAMILIES = "SD v1 768, SD 2.x 1024 or LDM-1.4B 1280"
-# Which tokenizer gives the token ids of each single-encoder family (OpenCLIP uses OpenAI's BPE vocabulary).
-FAMILY_TOKENIZERS = {(768,): "clip", (1024,): "clip", (1280,): "bert"}
+# The encoder keys of a multi-encoder (SDXL) file, in the order of their widths in FAMILIES.
+ENCODER_KEYS = ("clip_l", "clip_g")
+# Formats with an SDXL layout; AUTOMATIC1111's .pt and diffusers' one-tensor file have none.
+MULTI_ENCODER_FORMATS = ("official", "a1111-png", "a1111-safetensors", "kohya")
+# Which tokenizer gives the token ids of each family (OpenCLIP uses OpenAI's BPE vocabulary).
+FAMILY_TOKENIZERS = {(768,): "clip", (1024,): "clip", (1280,): "bert", (768, 1280): "clip"}
 # Families by the names the command-line tools take.
-FAMILY_NAMES = {"sd-v1": (768,), "sd-2": (1024,), "ldm-1.4b": (1280,)}
+FAMILY_NAMES = {"sd-v1": (768,), "sd-2": (1024,), "ldm-1.4b": (1280,), "sdxl": (768, 1280)}
 IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg", ".avif", ".jxl")
 PARAMETER_DICT = "torch.nn.modules.container.ParameterDict"
 A1111_STAR_TOKEN = 265  # CLIP id of "*", which AUTOMATIC1111 writes as the (unused) placeholder token
@@ -60,15 +68,36 @@ def describe_widths(widths):
 
 @dataclass
 class EmbeddingFile:
-    vectors: dict  # concept string -> float32 Tensor[n, d]
+    by_encoder: dict  # encoder key (None for one-encoder files) -> {concept string: float32 Tensor[n, d]}
     tokens: dict  # concept string -> token id, or None where the format does not store one
     name: str = None
     step: int = None
     format: str = "official"
 
+    @classmethod
+    def single(cls, vectors, tokens, name=None, step=None, fmt="official"):
+        """A one-encoder file (SD v1, SD 2.x, LDM) from {concept: [n, d]}."""
+        return cls({None: vectors}, tokens, name, step, fmt)
+
+    @property
+    def multi_encoder(self):
+        return tuple(self.by_encoder) != (None,)
+
+    @property
+    def vectors(self):
+        """{concept: [n, d]} of a one-encoder file; a multi-encoder file has one such dict per key in by_encoder."""
+        if self.multi_encoder:
+            raise ValueError(f"{self.name or 'this file'} holds one vector set per text encoder "
+                             f"({', '.join(self.by_encoder)}): use by_encoder")
+        return self.by_encoder[None]
+
+    @property
+    def concepts(self):
+        return list(next(iter(self.by_encoder.values())))
+
     @property
     def widths(self):
-        return (next(iter(self.vectors.values())).shape[-1],)
+        return tuple(next(iter(vectors.values())).shape[-1] for vectors in self.by_encoder.values())
 
     @property
     def family(self):
@@ -131,14 +160,41 @@ def _a1111_file(data, path, name, fmt):
     params = _plain_mapping(data["string_to_param"])
     if len(params) != 1:
         raise ValueError(f"{path}: an AUTOMATIC1111 file holds one term, found {sorted(params)}")
-    return EmbeddingFile({name: _as_matrix(next(iter(params.values())), path, name)}, {name: None},
-                         data.get("name") or Path(path).stem, _optional_int(data.get("step")), fmt)
+    return EmbeddingFile.single({name: _as_matrix(next(iter(params.values())), path, name)}, {name: None},
+                                data.get("name") or Path(path).stem, _optional_int(data.get("step")), fmt)
+
+
+def _sdxl_file(data, path, concept, name, step, fmt):
+    """One concept of a {"clip_l": [n, 768], "clip_g": [n, 1280]} file (AUTOMATIC1111, kohya)."""
+    missing = [key for key in ENCODER_KEYS if key not in data]
+    extra = sorted(set(map(str, data)) - set(ENCODER_KEYS) - {"name", "step"})
+    if missing or extra:
+        raise ValueError(f"{path}: an SDXL embedding holds exactly {' and '.join(ENCODER_KEYS)}; "
+                         + (f"{', '.join(missing)} missing" if missing else f"found also {', '.join(extra)}"))
+    return EmbeddingFile({key: {concept: _as_matrix(data[key], path, key)} for key in ENCODER_KEYS},
+                         {concept: None}, name, step, fmt)
+
+
+def _official_sdxl(params, tokens, data, path):
+    """The project's multi-concept SDXL layout: string_to_param holds one {concept: [n, d]} per encoder key."""
+    unknown = sorted(set(map(str, params)) - set(ENCODER_KEYS))
+    if unknown or len(params) != len(ENCODER_KEYS):
+        raise ValueError(f"{path}: string_to_param holds one dict per text encoder, expected "
+                         f"{', '.join(ENCODER_KEYS)}, found {', '.join(sorted(map(str, params)))}")
+    by_encoder = {key: {s: _as_matrix(v, path, f"{key}/{s}") for s, v in _plain_mapping(params[key]).items()}
+                  for key in ENCODER_KEYS}
+    concepts = next(iter(by_encoder.values()))
+    return EmbeddingFile(by_encoder, {s: _token_id(tokens.get(s)) for s in concepts}, data.get("name"),
+                         _optional_int(data.get("step")), "official")
 
 
 def _read(path):
     stem = Path(path).stem
     if os.path.isfile(path) and is_png(path):  # sniffing a FIFO or device would block: only regular files
         data = read_png_embedding(path)
+        if any(key in data for key in ENCODER_KEYS):
+            name = data.get("name") or stem
+            return _sdxl_file(data, path, name, name, _optional_int(data.get("step")), "a1111-png")
         return _a1111_file(data, path, data.get("name") or stem, "a1111-png")
     if path.lower().endswith(IMAGE_SUFFIXES):
         raise ValueError(f"{path} is not a PNG image: image embeddings (AUTOMATIC1111's) are read from PNGs only")
@@ -147,30 +203,29 @@ def _read(path):
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not an embedding file (holds a {type(data).__name__}, expected a dict)")
     keys = sorted(map(str, data))
-    if "clip_l" in data or "clip_g" in data:
-        widths = tuple(_as_matrix(data[k], path, k).shape[-1] for k in ("clip_l", "clip_g") if k in data)
-        raise EmbeddingFamilyError(
-            f"{path} is {describe_widths(widths)}: an SDXL embedding holds vectors for two text encoders; "
-            f"this code reads single-encoder embeddings ({SUPPORTED_FAMILIES}).", widths)
+    saved_as = "a1111-safetensors" if meta.get("format") == "a1111-safetensors" else "kohya"
+    if any(key in data for key in ENCODER_KEYS):
+        return _sdxl_file(data, path, stem, meta.get("name") or stem, _optional_int(meta.get("step")), saved_as)
     if "string_to_param" in data:
         if "sd_checkpoint" in data or "sd_checkpoint_name" in data:
             return _a1111_file(data, path, stem, "a1111")
         params = _plain_mapping(data["string_to_param"])
         tokens = _plain_mapping(data.get("string_to_token", {}))
+        if params and all(isinstance(v, (dict, PickledObject)) for v in params.values()):
+            return _official_sdxl(params, tokens, data, path)
         vectors = {s: _as_matrix(v, path, s) for s, v in params.items()}
-        return EmbeddingFile(vectors, {s: _token_id(tokens.get(s)) for s in vectors},
-                             data.get("name"), _optional_int(data.get("step")), "official")
+        return EmbeddingFile.single(vectors, {s: _token_id(tokens.get(s)) for s in vectors},
+                                    data.get("name"), _optional_int(data.get("step")), "official")
     if set(data) == {"emb_params"}:
-        fmt = "a1111-safetensors" if meta.get("format") == "a1111-safetensors" else "kohya"
-        return EmbeddingFile({stem: _as_matrix(data["emb_params"], path, stem)}, {stem: None},
-                             meta.get("name") or stem, _optional_int(meta.get("step")), fmt)
+        return EmbeddingFile.single({stem: _as_matrix(data["emb_params"], path, stem)}, {stem: None},
+                                    meta.get("name") or stem, _optional_int(meta.get("step")), saved_as)
     looks_like_diffusers = data and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim in (1, 2) for k, v in data.items()
     )
     if looks_like_diffusers:
         vectors = {k: _as_matrix(v, path, k) for k, v in data.items()}
-        return EmbeddingFile(vectors, {k: None for k in vectors}, meta.get("name"),
-                             _optional_int(meta.get("step")), "diffusers")
+        return EmbeddingFile.single(vectors, {k: None for k in vectors}, meta.get("name"),
+                                    _optional_int(meta.get("step")), "diffusers")
     raise ValueError(f"{path}: unrecognised embedding layout; keys found: {keys}")
 
 
@@ -181,25 +236,44 @@ def load_embedding_file(path, target_widths=None, target="this model"):
     refused with an EmbeddingFamilyError naming both families.
     """
     path = os.fspath(path)
-    try:
-        emb = _read(path)
-    except EmbeddingFamilyError as err:
-        if target_widths is not None and err.widths is not None:
-            check_family(path, err.widths, target_widths, target)
-        raise
-    if not emb.vectors:
+    emb = _read(path)
+    if not emb.concepts:
         raise ValueError(f"{path}: the embedding file holds no vectors")
-    widths = {key: vec.shape[-1] for key, vec in emb.vectors.items()}
-    if len(set(widths.values())) > 1:
-        listed = ", ".join(f"{key}: {width}" for key, width in widths.items())
-        against = "" if target_widths is None else f"; {target} is {describe_widths(target_widths)}"
-        raise EmbeddingFamilyError(
-            f"{path} holds vectors of different widths ({listed}), so they are not concepts of one model; "
-            f"768 + 1280 is a two-encoder (SDXL) embedding in a layout this code does not know. It reads "
-            f"single-encoder embeddings ({SUPPORTED_FAMILIES}){against}.")
+    for key, vectors in emb.by_encoder.items():
+        widths = {concept: vec.shape[-1] for concept, vec in vectors.items()}
+        if len(set(widths.values())) > 1:
+            listed = ", ".join(f"{concept}: {width}" for concept, width in widths.items())
+            against = "" if target_widths is None else f"; {target} is {describe_widths(target_widths)}"
+            raise EmbeddingFamilyError(
+                f"{path} holds vectors of different widths ({listed}), so they are not concepts of one text "
+                f"encoder; an SDXL embedding keeps its two encoders' vectors under {' and '.join(ENCODER_KEYS)}"
+                f"{against}.")
+    if emb.multi_encoder:
+        _check_same_concepts(path, emb.by_encoder)
     if target_widths is not None:
         check_family(path, emb.widths, target_widths, target)
     return emb
+
+
+def _check_same_concepts(path, by_encoder):
+    """Each text encoder's vector set must hold the same concepts with the same number of vectors."""
+    counts = {key: {c: v.shape[0] for c, v in vectors.items()} for key, vectors in by_encoder.items()}
+    (first_key, first), *others = counts.items()
+    for key, count in others:
+        if count != first:
+            raise ValueError(f"{path}: the text encoders' vector sets differ ({first_key}: {first}, {key}: {count}); "
+                             "each concept needs as many vectors for every encoder")
+
+
+def _check_multi_encoder_save(path, by_encoder, fmt):
+    if tuple(by_encoder) != ENCODER_KEYS:
+        raise ValueError(f"Cannot save {path}: a multi-encoder embedding is keyed by {', '.join(ENCODER_KEYS)}, "
+                         f"got {', '.join(map(str, by_encoder))}")
+    if fmt not in MULTI_ENCODER_FORMATS:
+        raise ValueError(
+            f"The {fmt} format has no SDXL layout; save {path} as a1111-safetensors or kohya (clip_l + clip_g, "
+            "which AUTOMATIC1111, kohya and diffusers read), a1111-png, or official")
+    _check_same_concepts(path, by_encoder)
 
 
 def _plain_tensor(tensor):
@@ -208,36 +282,47 @@ def _plain_tensor(tensor):
 
 
 def save_embedding_file(path, vectors, tokens=None, name=None, step=None, fmt="official"):
-    """Write `vectors` ({concept: [n, d] or [d]}) atomically in format `fmt`, plain tensors only.
+    """Write `vectors` atomically in format `fmt`, plain tensors only.
 
-    `tokens` ({concept: id}) is needed for the official format. One-term formats refuse several concepts.
+    `vectors`: {concept: [n, d] or [d]} for a one-encoder model, or {encoder key: {concept: [n, d]}} for SDXL
+    (keys ENCODER_KEYS). `tokens` ({concept: id}) is needed for the official format. One-term formats refuse
+    several concepts.
     """
     path = os.fspath(path)
     if fmt not in FORMATS:
         raise ValueError(f"Unknown embedding format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    vectors = {key: _plain_tensor(_as_matrix(value, path, key)) for key, value in vectors.items()}
-    if not vectors:
+    multi = bool(vectors) and all(isinstance(value, dict) for value in vectors.values())
+    by_encoder = vectors if multi else {None: vectors}
+    by_encoder = {enc: {c: _plain_tensor(_as_matrix(v, path, c)) for c, v in concept_vectors.items()}
+                  for enc, concept_vectors in by_encoder.items()}
+    if multi:
+        _check_multi_encoder_save(path, by_encoder, fmt)
+    concepts = list(next(iter(by_encoder.values())))
+    if not concepts:
         raise ValueError(f"Nothing to save to {path}: no embedding vectors given")
-    if fmt in ONE_TERM_FORMATS and len(vectors) != 1:
+    if fmt in ONE_TERM_FORMATS and len(concepts) != 1:
         raise ValueError(
-            f"The {fmt} format holds one concept per file, got {len(vectors)} ({', '.join(vectors)}): "
+            f"The {fmt} format holds one concept per file, got {len(concepts)} ({', '.join(concepts)}): "
             "save each concept to its own file, or use the official format."
         )
-    key, vec = next(iter(vectors.items()))
+    key = concepts[0]
+    vec = by_encoder[ENCODER_KEYS[0] if multi else None][key]
     step = None if step is None else int(step)
     metadata = {k: str(v) for k, v in (("format", fmt), ("name", name), ("step", step)) if v is not None}
 
     if fmt == "official":
         tokens = tokens or {}
-        missing = [s for s in vectors if tokens.get(s) is None]
+        missing = [s for s in concepts if tokens.get(s) is None]
         if missing:
             raise ValueError(f"The official format stores each placeholder's token id; none given for {missing}")
         payload = {
-            "string_to_token": {s: torch.tensor(_token_id(tokens[s])) for s in vectors},
-            "string_to_param": vectors,
+            "string_to_token": {s: torch.tensor(_token_id(tokens[s])) for s in concepts},
+            "string_to_param": by_encoder if multi else by_encoder[None],
             "name": name,
             "step": step,
         }
+    elif multi:  # AUTOMATIC1111 reads exactly these two keys (no name or step beside them)
+        payload = {enc: by_encoder[enc][key] for enc in ENCODER_KEYS}
     elif fmt in ("a1111", "a1111-png"):
         payload = {
             "string_to_token": {"*": A1111_STAR_TOKEN},
