@@ -39,6 +39,8 @@ class EmbeddingManager(nn.Module):
         super().__init__()
         # A bound method, not a submodule: the embedder's weights belong to the text encoder, not to us.
         self._token_ids_of = embedder.string_to_token_ids
+        # OpenCLIP pads with id 0 ("!"): a placeholder of that id would match every padded position.
+        self._pad_token_id = getattr(embedder, "pad_token_id", None)
         self.token_dim = embedder.embedding_dim
         self.string_to_token_dict = {}  # one-token concepts: string -> tensor(id), as in the original
         self.string_to_token_sequence = {}  # concepts of several tokens: string -> tuple of ids
@@ -96,6 +98,9 @@ class EmbeddingManager(nn.Module):
     def _set_placeholder(self, string, token_ids, vectors):
         """Add or replace the vectors of `string`, written as the token ids `token_ids` (an int or a sequence)."""
         ids = (token_ids,) if isinstance(token_ids, int) else tuple(token_ids)
+        if ids[0] == self._pad_token_id:
+            raise ValueError(f"Placeholder {string!r} starts with token {ids[0]}, the id this text encoder pads "
+                             "prompts with, so padded positions would take its vectors; use another string.")
         clash = [s for s, seq in self._token_sequences().items() if s != string and seq == ids]
         if clash:
             raise ValueError(f"Placeholder {string!r} is the same token(s) as placeholder {clash[0]!r} for this "
@@ -250,6 +255,11 @@ class EmbeddingManager(nn.Module):
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
         loaded = [(path, name, vectors) for path in paths
                   for name, vectors in load_embedding_file(path, target_widths=(self.token_dim,)).vectors.items()]
+        return self.add_concepts(loaded, placeholder_strings)
+
+    def add_concepts(self, loaded, placeholder_strings=None, warn=True):
+        """Add (or replace) concepts given as (file, name, vectors [n, d]); see `load`. warn=False skips the
+        ordinary-word warning (a MultiEmbeddingManager warns once, not once per encoder)."""
         if placeholder_strings is not None:
             placeholder_strings = [placeholder_strings] if isinstance(placeholder_strings, str) else placeholder_strings
             if len(placeholder_strings) != len(loaded):
@@ -259,7 +269,7 @@ class EmbeddingManager(nn.Module):
         strings = [placeholder_strings[i] if placeholder_strings is not None else name
                    for i, (_, name, _) in enumerate(loaded)]
         self._check_new_names(list(zip(strings, (path for path, _, _ in loaded))),
-                              named_by_user=placeholder_strings is not None)
+                              named_by_user=placeholder_strings is not None or not warn)
         for string, (path, name, vectors) in zip(strings, loaded):
             ids = self._token_ids_of(string)
             if not ids:
@@ -290,3 +300,96 @@ class EmbeddingManager(nn.Module):
                 warnings.warn(f"The embedding {string!r} from {path} is named by an ordinary word of the "
                               f"tokenizer: {string!r} in a prompt now means this concept, not the word. Rename it "
                               "with --placeholder_string if you want the word.", stacklevel=3)
+
+
+class MultiEmbeddingManager(nn.Module):
+    """Textual inversion for a model with several text encoders (SDXL): one EmbeddingManager per encoder.
+
+    Each placeholder gets one vector set per encoder (SDXL: 768 wide for CLIP-L "clip_l", 1280 for OpenCLIP
+    bigG "clip_g"), each initialised from the init word in that encoder's own token-embedding table.
+
+    Why a ModuleDict of EmbeddingManagers, keyed by `embedding_key(encoder)`, and not a wider EmbeddingManager:
+    each encoder has its own width, token-embedding table, pad id and forward, and calls its manager with its own
+    token ids; one unchanged EmbeddingManager per encoder reuses all of its logic (splicing several vectors,
+    progressive words, concepts of several tokens, loading files) as it is, so the one-encoder path of SD v1,
+    SD 2.x and LDM is untouched, the original's `string_to_param_dict` and file format included. This class only
+    fans out construction, the training helpers and the files. Parameters: `managers.clip_l.string_to_param_dict.*`.
+
+    The text encoders take `manager_for(encoder)` as their `embedding_manager` (GeneralConditioner does so).
+    Other arguments as EmbeddingManager's.
+    """
+
+    def __init__(self, embedders, placeholder_strings=None, initializer_words=None, per_image_tokens=False,
+                 num_vectors_per_token=1, progressive_words=False, **kwargs):
+        super().__init__()
+        from ldm.modules.embedding_io import ENCODER_KEYS
+        from ldm.modules.encoders.base import embedding_key
+        keys = tuple(embedding_key(embedder) for embedder in embedders)
+        if keys != ENCODER_KEYS:
+            raise ValueError(f"MultiEmbeddingManager: the text encoders' embedding keys are "
+                             f"{', '.join(map(str, keys))}; embedding files know the encoders "
+                             f"{', '.join(ENCODER_KEYS)}, in that order (SDXL's). A one-encoder model uses "
+                             "EmbeddingManager.")
+        self.managers = nn.ModuleDict({key: EmbeddingManager(
+            embedder, placeholder_strings=placeholder_strings, initializer_words=initializer_words,
+            per_image_tokens=per_image_tokens, num_vectors_per_token=num_vectors_per_token,
+            progressive_words=progressive_words, **kwargs) for key, embedder in zip(keys, embedders)})
+
+    def manager_for(self, encoder):
+        from ldm.modules.encoders.base import embedding_key
+        return self.managers[embedding_key(encoder)]
+
+    @property
+    def widths(self):
+        return tuple(manager.token_dim for manager in self.managers.values())
+
+    @property
+    def progressive_step(self):
+        return next(iter(self.managers.values())).progressive_step
+
+    @progressive_step.setter
+    def progressive_step(self, step):
+        for manager in self.managers.values():
+            manager.progressive_step = step
+
+    # ------------------------------------------------------------------ training helpers
+    def embedding_parameters(self):
+        return (param for manager in self.managers.values() for param in manager.embedding_parameters())
+
+    def get_embedding_norms_squared(self):
+        """Squared norms of every vector of every encoder, one flat tensor (the widths differ)."""
+        return torch.cat([manager.get_embedding_norms_squared() for manager in self.managers.values()])
+
+    def embedding_to_coarse_loss(self):
+        """The sum over encoders of each encoder's regulariser (EmbeddingManager.embedding_to_coarse_loss)."""
+        return sum(manager.embedding_to_coarse_loss() for manager in self.managers.values())
+
+    # ------------------------------------------------------------------ files
+    def save(self, ckpt_path, step=None, name=None, fmt="official"):
+        """Write every concept, one vector set per encoder: "official" is the project's multi-concept SDXL
+        layout; "a1111-safetensors"/"kohya" (one concept) is what AUTOMATIC1111, kohya and diffusers read."""
+        from ldm.modules.embedding_io import save_embedding_file
+        first = next(iter(self.managers.values()))
+        if first.string_to_token_sequence:
+            raise ValueError(
+                f"{', '.join(map(repr, first.string_to_token_sequence))}: several tokens each, which the official "
+                "format (one token id per placeholder) cannot store; save such a concept with "
+                "scripts/convert_embedding.py --to a1111-safetensors from the file it came from.")
+        vectors = {key: {s: p.detach() for s, p in manager.string_to_param_dict.items()}
+                   for key, manager in self.managers.items()}
+        tokens = {s: int(t) for s, t in first.string_to_token_dict.items()}
+        return save_embedding_file(ckpt_path, vectors, tokens=tokens, name=name or ",".join(first.string_to_param_dict),
+                                   step=step, fmt=fmt)
+
+    def load(self, ckpt_paths, placeholder_strings=None):
+        """Add (or replace) the concepts of SDXL embedding files (any layout embedding_io reads), each encoder's
+        vectors into its manager; files of another family are refused naming both. Returns what
+        EmbeddingManager.load returns."""
+        from ldm.modules.embedding_io import load_embedding_file
+        paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
+        files = [(path, load_embedding_file(path, target_widths=self.widths)) for path in paths]
+        result = None
+        for index, (key, manager) in enumerate(self.managers.items()):
+            loaded = [(path, name, vectors) for path, emb in files for name, vectors in emb.by_encoder[key].items()]
+            result = manager.add_concepts(loaded, placeholder_strings, warn=index == 0)
+        return result

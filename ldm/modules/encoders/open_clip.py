@@ -144,6 +144,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     LAYERS = ("last", "penultimate")
     embedding_key = None  # SD 2.x embedding files hold one vector set, as SD v1's
+    pad_token_id = OPENCLIP_PAD_TOKEN_ID  # the manager refuses a placeholder of this id (it is "!")
 
     def __init__(self, arch="ViT-H-14", version="laion2b_s32b_b79k", device=None, max_length=77, freeze=True,
                  layer="last", config=None):
