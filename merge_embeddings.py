@@ -5,7 +5,8 @@
 Runs on CPU and never prompts. All files must be of one model family (by their widths: SD v1 768, SD 2.x 1024,
 LDM-1.4B 1280, SDXL clip_l 768 + clip_g 1280), matching the tokenizer (-sd: CLIP, for SD v1, SD 2.x and
 SDXL; otherwise BERT). SDXL files merge into the project's official SDXL layout (one vector set per text
-encoder). When two files use the same placeholder string, --on_clash decides: error (default; nothing is written), rename (the later concept gets a new single-token placeholder, taken from
+encoder). When two files use the same placeholder string, --on_clash decides: error (default; nothing is
+written), rename (the later concept gets a new single-token placeholder, taken from
 --rename_to in order or chosen automatically), skip (keep the first) or overwrite (keep the last).
 """
 import argparse

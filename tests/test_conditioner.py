@@ -190,7 +190,8 @@ def test_sdxl_file_loads_in_diffusers_and_conditions_as_ours(conditioner, tmp_pa
     for key, text_encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
                                          ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
         ids = tokenizer.convert_tokens_to_ids(["<tri>", "<tri>_1"])
-        assert torch.equal(text_encoder.get_input_embeddings().weight[ids], manager.managers[key].string_to_param_dict["*"])
+        ours = manager.managers[key].string_to_param_dict["*"]
+        assert torch.equal(text_encoder.get_input_embeddings().weight[ids], ours)
 
     loaded = MultiEmbeddingManager(conditioner.text_encoders)
     assert loaded.load(path, placeholder_strings=["*"]) == [("*", path, 2)]

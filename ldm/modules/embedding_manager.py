@@ -39,8 +39,6 @@ class EmbeddingManager(nn.Module):
         super().__init__()
         # A bound method, not a submodule: the embedder's weights belong to the text encoder, not to us.
         self._token_ids_of = embedder.string_to_token_ids
-        # OpenCLIP pads with id 0 ("!"): a placeholder of that id would match every padded position.
-        self._pad_token_id = getattr(embedder, "pad_token_id", None)
         self.token_dim = embedder.embedding_dim
         self.string_to_token_dict = {}  # one-token concepts: string -> tensor(id), as in the original
         self.string_to_token_sequence = {}  # concepts of several tokens: string -> tuple of ids
@@ -98,9 +96,6 @@ class EmbeddingManager(nn.Module):
     def _set_placeholder(self, string, token_ids, vectors):
         """Add or replace the vectors of `string`, written as the token ids `token_ids` (an int or a sequence)."""
         ids = (token_ids,) if isinstance(token_ids, int) else tuple(token_ids)
-        if ids[0] == self._pad_token_id:
-            raise ValueError(f"Placeholder {string!r} starts with token {ids[0]}, the id this text encoder pads "
-                             "prompts with, so padded positions would take its vectors; use another string.")
         clash = [s for s, seq in self._token_sequences().items() if s != string and seq == ids]
         if clash:
             raise ValueError(f"Placeholder {string!r} is the same token(s) as placeholder {clash[0]!r} for this "
@@ -137,20 +132,36 @@ class EmbeddingManager(nn.Module):
         """
         if not self.string_to_param_dict:
             return embedded_text
+        return self._rewrite(tokenized_text, embedded_text, dict(self.string_to_param_dict))
+
+    def spliced_token_ids(self, tokenized_text):
+        """The token id at each position of forward's output (b, n): a concept's first id once per vector it puts
+        there. Where an encoder reads a position by token id (OpenCLIP's pooled output, at the end token), it must
+        read these ids: with several vectors per placeholder the end token moves right."""
+        if not self.string_to_param_dict:
+            return tokenized_text
+        sequences = self._token_sequences()
+        ids = {s: torch.full((p.shape[0], 1), float(sequences[s][0]), device=tokenized_text.device)
+               for s, p in self.string_to_param_dict.items()}
+        # float64 holds every token id exactly; the ids travel through the same code as the embeddings.
+        as_embedding = tokenized_text.unsqueeze(-1).to(torch.float64)
+        return self._rewrite(tokenized_text, as_embedding, ids).squeeze(-1).round().long()
+
+    def _rewrite(self, tokenized_text, embedded_text, vectors):
+        """forward with `vectors` ({string: [k, d]}, ordered as string_to_param_dict) standing for the vectors."""
         if self.string_to_token_sequence:
-            return self._replace_sequences(tokenized_text, embedded_text, self.num_active_vectors())
+            return self._replace_sequences(tokenized_text, embedded_text, self.num_active_vectors(), vectors)
         # (b, n, P): which placeholder, if any, each token is; placeholder token ids are distinct.
         matches = tokenized_text.unsqueeze(-1) == self._placeholder_ids
         active = self.num_active_vectors()
         if active == 1:
-            table = torch.stack([p[0] for p in self.string_to_param_dict.values()]).to(embedded_text.dtype)
+            table = torch.stack([p[0] for p in vectors.values()]).to(embedded_text.dtype)
             which = matches.long().argmax(dim=-1)
             return torch.where(matches.any(dim=-1, keepdim=True), table[which], embedded_text)
-        return self._splice(matches, embedded_text, active)
+        return self._splice(matches, embedded_text, active, list(vectors.values()))
 
-    def _splice(self, matches, embedded_text, active):
+    def _splice(self, matches, embedded_text, active, params):
         b, n, d = embedded_text.shape
-        params = list(self.string_to_param_dict.values())
         table = embedded_text.new_zeros(len(params), active, d)  # (P, active, d), padded with zeros
         for i, p in enumerate(params):
             table[i, :min(p.shape[0], active)] = p[:active].to(embedded_text.dtype)
@@ -171,12 +182,13 @@ class EmbeddingManager(nn.Module):
         last = torch.where(overflow, embedded_text[:, -1], out[:, -1])
         return torch.cat([out[:, :-1], last.unsqueeze(1)], dim=1)
 
-    def _replace_sequences(self, tokenized_text, embedded_text, active):
+    def _replace_sequences(self, tokenized_text, embedded_text, active, vectors=None):
         """Every concept's token sequence replaced by its vectors, longest sequence first at each position.
 
         Rows stay n long: a row that grows keeps its first n - 1 positions and its last token (end/pad), like the
         one-token path, warning when more than padding is lost; a row that shrinks is padded with its last token.
         """
+        vectors = self.string_to_param_dict if vectors is None else vectors
         b, n, d = embedded_text.shape
         by_first = {}
         for string, ids in sorted(self._token_sequences().items(), key=lambda item: -len(item[1])):
@@ -191,7 +203,7 @@ class EmbeddingManager(nn.Module):
                     i += 1
                     continue
                 ids, string = match
-                pieces += [row[start:i], self.string_to_param_dict[string][:active].to(row.dtype)]
+                pieces += [row[start:i], vectors[string][:active].to(row.dtype)]
                 i = start = i + len(ids)
             pieces.append(row[start:])
             out = torch.cat(pieces)

@@ -70,8 +70,10 @@ def _parse_json(raw, path, where):
     except (UnicodeDecodeError, ValueError) as err:
         raise PNGEmbeddingError(f"{path}: the {where} is not an embedding (not valid JSON: {err}); the file is "
                                 "damaged or was not written by AUTOMATIC1111's webui") from None
-    if not isinstance(data, dict) or "string_to_param" not in data:
-        raise PNGEmbeddingError(f"{path}: the {where} holds JSON but no string_to_param embedding")
+    # A one-encoder embedding (string_to_param) or an SDXL one (clip_l and clip_g), as the webui reads them.
+    if not isinstance(data, dict) or not ("string_to_param" in data or {"clip_l", "clip_g"} <= set(data)):
+        raise PNGEmbeddingError(f"{path}: the {where} holds JSON but no string_to_param (or SDXL clip_l and "
+                                "clip_g) embedding")
     return data
 
 

@@ -144,7 +144,6 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     LAYERS = ("last", "penultimate")
     embedding_key = None  # SD 2.x embedding files hold one vector set, as SD v1's
-    pad_token_id = OPENCLIP_PAD_TOKEN_ID  # the manager refuses a placeholder of this id (it is "!")
 
     def __init__(self, arch="ViT-H-14", version="laion2b_s32b_b79k", device=None, max_length=77, freeze=True,
                  layer="last", config=None):
@@ -241,5 +240,8 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
         if self.layer == "penultimate" and not self.return_pooled:
             return penultimate
         last = self.model.transformer(penultimate, start=self.model.num_layers - 1)
-        outputs = {"penultimate": penultimate, "last": last, "pooled": self.model.pool(last, tokens)}
+        # The end token's position after the manager's splicing (several vectors per placeholder move it).
+        spliced = getattr(embedding_manager, "spliced_token_ids", None)
+        pooled = self.model.pool(last, tokens if spliced is None else spliced(tokens))
+        outputs = {"penultimate": penultimate, "last": last, "pooled": pooled}
         return (outputs[self.layer], outputs["pooled"]) if self.return_pooled else outputs[self.layer]
