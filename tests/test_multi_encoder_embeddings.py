@@ -237,3 +237,20 @@ def test_merge_sdxl_files_and_refuse_another_family(tmp_path, capsys):
     sd2b = save_embedding_file(tmp_path / "sd2b.pt", {"#": _vec(1, 1024)}, tokens={"#": 258})
     assert _script("merge_embeddings", "--manager_ckpts", sd2, sd2b, "--output_path", tmp_path / "m3.pt", "-sd") == 0
     assert load_embedding_file(tmp_path / "m3.pt").family == "SD 2.x (OpenCLIP ViT-H, 1024)"
+
+
+def test_embedding_path_accepts_the_files_of_the_model_family(tmp_path, sdxl_encoders, sd2_encoder, capsys):
+    """--embedding_path (load_embeddings) with an SDXL-style and an SD 2.x model."""
+    xl_model, sd2_model = torch.nn.Module(), torch.nn.Module()
+    xl_model.embedding_manager = MultiEmbeddingManager(sdxl_encoders)
+    sd2_model.embedding_manager = EmbeddingManager(sd2_encoder)
+    xl = save_embedding_file(tmp_path / "my-style.safetensors",
+                             {"clip_l": {"x": _vec(3, 24)}, "clip_g": {"x": _vec(3, 40)}}, fmt="a1111-safetensors")
+    sd2 = save_embedding_file(tmp_path / "sd2.pt", {"sks": _vec(1, 1024)}, tokens={"sks": SKS})
+    assert load_embeddings(xl_model, [xl]) == [("my-style", xl, 3)]
+    assert load_embeddings(sd2_model, [sd2], placeholder_strings=["*"]) == [("*", sd2, 1)]
+    assert "Embedding 'my-style' (3 vectors) from" in capsys.readouterr().out
+    assert torch.equal(xl_model.embedding_manager.managers["clip_g"].string_to_param_dict["my-style"], _vec(3, 40))
+    with pytest.raises(ValueError, match=r"sd2.pt is SD 2.x \(OpenCLIP ViT-H, 1024\); this model is an unknown "
+                                         r"family \(24 \+ 40 wide\)"):
+        load_embeddings(xl_model, [sd2])
