@@ -143,6 +143,22 @@ def test_zeroed_and_dropped_embeddings(conditioner):
     torch.testing.assert_close(dropped["crossattn"][..., 32:], c["crossattn"][..., 32:], rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_legacy_ucg_replaces_the_caption(conditioner):
+    """legacy_ucg_val: a dropped caption is replaced by that text (here every one, ucg_rate 1), not zeroed."""
+    for embedder in conditioner.text_encoders:
+        embedder.ucg_rate, embedder.legacy_ucg_val = 1.0, ""
+    try:
+        dropped = conditioner(batch(PROMPTS))
+    finally:
+        for embedder in conditioner.text_encoders:
+            embedder.ucg_rate, embedder.legacy_ucg_val = 0.0, None
+    empty = conditioner(batch(["", ""]))
+    torch.testing.assert_close(dropped["crossattn"], empty["crossattn"], rtol=0, atol=0)
+    torch.testing.assert_close(dropped["vector"], empty["vector"], rtol=0, atol=0)
+    assert not empty["crossattn"].eq(0).all()
+
+
 def test_frozen_embedders_and_bad_config():
     cond = GeneralConditioner(emb_models(TINY_CLIP, TINY_G))
     cond.train()

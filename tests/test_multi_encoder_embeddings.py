@@ -188,6 +188,21 @@ def test_sd2_round_trip_every_format_and_use_in_an_sd2_model(tmp_path, fmt, file
         load_embedding_file(path, target_widths=(768,))
 
 
+@pytest.mark.parametrize("fmt,filename", [("diffusers", "learned_embeds.safetensors"), ("a1111", "tri.pt")])
+def test_sd2_file_read_by_diffusers_own_loader(tmp_path, fmt, filename):
+    """diffusers' textual-inversion loader derives the same 1024-wide vectors from our SD 2.x file."""
+    textual_inversion = pytest.importorskip("diffusers.loaders.textual_inversion")
+    from ldm.modules.encoders.clip_tokenizer import load_clip_tokenizer
+    vec = _vec(2, 1024, 7)
+    path = save_embedding_file(tmp_path / filename, {"<tri>": vec}, name="<tri>", fmt=fmt)
+    tokenizer = load_clip_tokenizer()
+    mixin = textual_inversion.TextualInversionLoaderMixin
+    state_dicts = textual_inversion.load_textual_inversion_state_dicts([str(path)])
+    tokens, embeddings = mixin._retrieve_tokens_and_embeddings([None], state_dicts, tokenizer)
+    tokens, embeddings = mixin._extend_tokens_and_embeddings(tokens, embeddings, tokenizer)
+    assert tokens == ["<tri>", "<tri>_1"] and torch.equal(torch.stack(list(embeddings)), vec)
+
+
 # ---------------------------------------------------------------- the command-line tools
 
 def _script(name, *argv):
