@@ -13,7 +13,8 @@ import warnings
 import torch
 from torch import nn
 
-from ldm.modules.embedding_io import single_token_id
+from ldm.modules.embedding_io import ENCODER_KEYS, single_token_id
+from ldm.modules.encoders.base import embedding_key
 
 DEFAULT_PLACEHOLDER_TOKEN = ["*"]
 
@@ -334,8 +335,6 @@ class MultiEmbeddingManager(nn.Module):
     def __init__(self, embedders, placeholder_strings=None, initializer_words=None, per_image_tokens=False,
                  num_vectors_per_token=1, progressive_words=False, **kwargs):
         super().__init__()
-        from ldm.modules.embedding_io import ENCODER_KEYS
-        from ldm.modules.encoders.base import embedding_key
         keys = tuple(embedding_key(embedder) for embedder in embedders)
         if keys != ENCODER_KEYS:
             raise ValueError(f"MultiEmbeddingManager: the text encoders' embedding keys are "
@@ -348,7 +347,6 @@ class MultiEmbeddingManager(nn.Module):
             progressive_words=progressive_words, **kwargs) for key, embedder in zip(keys, embedders)})
 
     def manager_for(self, encoder):
-        from ldm.modules.encoders.base import embedding_key
         return self.managers[embedding_key(encoder)]
 
     @property
