@@ -55,10 +55,6 @@ A1111_STAR_TOKEN = 265  # CLIP id of "*", which AUTOMATIC1111 writes as the (unu
 class EmbeddingFamilyError(ValueError):
     """An embedding file made for another model family than the target, or of a family not read here."""
 
-    def __init__(self, message, widths=None):
-        super().__init__(message)
-        self.widths = widths
-
 
 def describe_widths(widths):
     """The model family of token-embedding widths, e.g. (768,) -> "SD v1 (CLIP ViT-L, 768)"."""
