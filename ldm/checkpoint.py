@@ -377,8 +377,8 @@ def check_weights(module, sd, path, optional=()):
 def load_weights(module, path, ignore_keys=(), optional=(), verbose=True):
     """Fill `module` from the weights file `path`, strictly: every weight it needs must be in the file.
 
-    Keys of the file starting with any of `ignore_keys` are left out; module keys starting with any of
-    `optional` may be absent (named in the report). Returns (absent optional keys, unexpected keys).
+    Keys starting with any of `ignore_keys` are left out of the file (the module keeps its own values for them);
+    module keys starting with any of `optional` may be absent (named in the report). Returns (absent optional keys, unexpected keys).
     """
     raw = load_checkpoint(path)
     if isinstance(raw, dict) and ("string_to_param" in raw or "emb_params" in raw):
@@ -388,6 +388,7 @@ def load_weights(module, path, ignore_keys=(), optional=(), verbose=True):
     ignored = [k for k in sd if k.startswith(tuple(ignore_keys))]
     for k in ignored:
         del sd[k]
+    optional = tuple(optional) + tuple(ignore_keys)  # the module keeps its own values for ignored keys
     absent, unexpected = check_weights(module, sd, path, optional)
     module.load_state_dict(sd, strict=False)
     if verbose:
