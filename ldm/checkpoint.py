@@ -235,6 +235,20 @@ def _torch_reason(err):
     return reason[:300] if reason else type(err).__name__
 
 
+def _sniff(head):
+    """What the first bytes of a file look like, in a few words."""
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image"
+    if head.startswith(b"\x80"):
+        return "a pickle with instructions outside the safe subset, or a damaged one"
+    sample = head[:512]
+    if sample and all(32 <= b < 127 or b in (9, 10, 13) for b in sample):
+        return "a text file"
+    return "unrecognised binary data"
+
+
 def _refuse(path, what):
     return CheckpointSecurityError(
         f"Refused to load {path}: it would import {what}, which is code, not data. Nothing from the file was "
@@ -261,13 +275,15 @@ def load_checkpoint(path, map_location="cpu", extra_stand_ins=()):
         if DEVICE_TENSOR_GLOBAL in pkl:  # torch < 2 wrote MPS tensors through numpy, for a device we may not have
             source = _rewritten_zip(path, pkl_name, pkl.replace(DEVICE_TENSOR_GLOBAL, DEVICE_TENSOR_ON_CPU))
     else:
-        with open(path, "rb") as f:
-            pkl = f.read(MAX_PICKLE_BYTES)
+        pkl = None  # a legacy or bare pickle: read only to explain a refusal
     allowed = _allow_list(extra_stand_ins)
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if pkl is None:
+            with open(path, "rb") as f:
+                pkl = f.read(MAX_PICKLE_BYTES)
         names = {name for _, name in allowed}
         offending = [n for n in pickle_globals(pkl) if not _inert(n, names)]
         named = re.search(r"GLOBAL (\S+)", str(err))
@@ -276,9 +292,9 @@ def load_checkpoint(path, map_location="cpu", extra_stand_ins=()):
         if "not allowed" in str(err) or "not an allowed" in str(err):  # one of the guards above
             raise CheckpointSecurityError(f"Refused to load {path}: {_torch_reason(err)}. Nothing from the file "
                                           "was executed.") from None
-        raise CheckpointSecurityError(
-            f"Refused to load {path}: it uses pickle instructions outside the safe subset ({_torch_reason(err)}); "
-            "nothing from the file was executed. It was not written by torch.save, or is damaged.") from None
+        raise CheckpointError(
+            f"Could not read {path}: it is {_sniff(pkl)}, not a checkpoint torch wrote (the safe loader stopped at "
+            f"{_torch_reason(err)}; nothing from the file was executed).") from None
     except (RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError,
             zipfile.BadZipFile, OSError, MemoryError) as err:
         raise CheckpointError(f"Could not read checkpoint {path} (truncated or not a checkpoint: "
