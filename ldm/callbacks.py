@@ -68,6 +68,7 @@ class InterruptCheckpoint(Callback):
     - SIGUSR1 (where the platform has it): saved after the current step, and training goes on, like the
       original's `melk`.
     - SIGTERM: Lightning finishes the current step and raises SIGTERMException; saved from `on_exception`.
+    - the step limit: saved at the end of training unless a checkpoint of that very step exists.
     - any other exception: saved from `on_exception` (single process; other ranks of a crashed DDP run would
       wait forever for the crashed one).
     Saving inside a signal handler itself could catch a half-done optimizer step, so handlers only set flags.
@@ -108,6 +109,15 @@ class InterruptCheckpoint(Callback):
             signal.signal(signum, handler)
         self._previous_handlers = {}
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self._saved_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module):
+        # ModelCheckpoint(every_n_train_steps=N) does not save a run that ends between two multiples of N: without
+        # this, last.ckpt and embeddings.pt would lag behind the finished run.
+        if trainer.global_step > 0 and self._saved_step != trainer.global_step:
+            save_last_checkpoint(trainer, self.ckptdir)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         save, stop = self._save_requested or self._stop_requested, self._stop_requested
         if trainer.world_size > 1:  # a signal reaches ranks at different steps: act together
@@ -116,7 +126,6 @@ class InterruptCheckpoint(Callback):
         if save:
             self._save_requested = False
             save_last_checkpoint(trainer, self.ckptdir)
-            self._saved_step = trainer.global_step
         if stop:
             raise RunInterrupted(f"interrupted by Ctrl-C at step {trainer.global_step}; saved "
                                  f"{os.path.join(self.ckptdir, 'last.ckpt')}. Resume with: python main.py -r "

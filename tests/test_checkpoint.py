@@ -171,3 +171,49 @@ def test_load_model_from_config(tmp_path, capsys):
     assert not model.training
     assert torch.equal(model.weight, source.weight)
     assert isinstance(load_model_from_config(config), torch.nn.Linear)
+
+
+def _rename_global(path, old, new):
+    """Rewrite the GLOBAL `old` as `new` in a torch zip file's pickle, as an older numpy/torch would have named it."""
+    import io
+    import zipfile
+    out = io.BytesIO()
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(info.filename, data.replace(old, new) if info.filename.endswith("data.pkl") else data)
+    path.write_bytes(out.getvalue())
+
+
+def test_embedding_written_by_old_numpy_loads(tmp_path):
+    from ldm.modules.embedding_io import load_embedding_file
+    path = tmp_path / "embeddings.pt"
+    vectors = np.arange(8, dtype=np.float32).reshape(1, 8)
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": torch.from_numpy(vectors)},
+                "step": np.int64(500), "extra": vectors}, path)
+    # numpy < 2 pickles its arrays and scalars from numpy.core.multiarray
+    _rename_global(path, b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert b"numpy.core.multiarray\n_reconstruct" in __import__("zipfile").ZipFile(path).read("embeddings/data.pkl")
+    loaded = load_checkpoint(path)
+    assert np.array_equal(loaded["extra"], vectors) and int(loaded["step"]) == 500
+    assert load_embedding_file(path).step == 500
+
+
+class _MPSTensor:
+    """Pickles like torch < 2 pickled an MPS tensor: numpy data rebuilt on the device it names."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __reduce__(self):
+        return torch._utils._rebuild_device_tensor_from_numpy, (self.array, torch.float32, "mps", False)
+
+
+def test_embedding_saved_from_an_mps_run_loads_on_cpu(tmp_path):
+    from ldm.modules.embedding_io import load_embedding_file
+    path = tmp_path / "embeddings.pt"
+    vectors = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": _MPSTensor(vectors)}}, path)
+    emb = load_embedding_file(path)
+    assert emb.vectors["*"].device.type == "cpu"
+    assert torch.equal(emb.vectors["*"], torch.from_numpy(vectors))

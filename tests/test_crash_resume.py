@@ -94,6 +94,15 @@ def test_step_limit_then_plain_resume_is_exact_and_keeps_the_seed(tmp_path, tiny
         entry.main(["-r", str(run), "--max_steps", "8"])
 
 
+def test_a_run_ending_between_periodic_checkpoints_saves_its_last_step(tmp_path, tiny_ckpt, reference):
+    logs = tmp_path / "logs"
+    entry.main(run_args(logs, tiny_ckpt, reference.concept, 5, "lightning.modelcheckpoint.params.every_n_train_steps=2"))
+    run = the_run(logs)
+    assert load_checkpoint(str(run / "checkpoints/last.ckpt"))["global_step"] == 5
+    assert (run / "checkpoints/embeddings_gs-5.pt").is_file()
+    assert_same(embedding(run), reference(5))
+
+
 @POSIX
 def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, tiny_ckpt, reference):
     logs = tmp_path / "logs"
