@@ -96,8 +96,9 @@ def get_parser(**parser_kwargs):
     parser.add_argument("--placeholder_string", type=str,
                         help="placeholder string for the concept in prompts (overrides the configs)")
     parser.add_argument("--init_word", type=str, help="word whose embedding initialises the placeholder")
-    parser.add_argument("--logger", nargs="+", choices=LOGGERS, default=["csv"],
-                        help="where metrics and image grids go: csv (default), tensorboard, wandb (optional extras)")
+    parser.add_argument("--logger", type=str, default="csv",
+                        help="where metrics and image grids go, comma-separated: csv (default), tensorboard, wandb "
+                             "(the last two are optional extras)")
     parser.add_argument("--trust_config", default=False, **flag,
                         help="on -r, allow the run's configs to name targets outside this project's modules")
     trainer = parser.add_argument_group("trainer", "override lightning.trainer of the configs")
@@ -409,8 +410,12 @@ def build_loggers(lightning_config, logdir, nowname, opt):
     WANDB_MODE=online). TensorBoard and wandb are optional extras: `pip install -e .[tensorboard]` / `.[wandb]`."""
     if "logger" in lightning_config:
         return [instantiate_from_config(lightning_config.logger)]
+    kinds = [k.strip() for k in opt.logger.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in LOGGERS]
+    if unknown or not kinds:
+        raise UsageError(f"--logger {opt.logger}: choose one or more of {', '.join(LOGGERS)}, comma-separated.")
     loggers = []
-    for kind in dict.fromkeys(opt.logger):
+    for kind in dict.fromkeys(kinds):
         try:
             if kind == "csv":
                 loggers.append(CSVLogger(save_dir=logdir, name="csv"))

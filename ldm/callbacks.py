@@ -195,12 +195,20 @@ class ImageLogger(Callback):
 
     @rank_zero_only
     def log_to_loggers(self, trainer, images, split):
+        """The grids to every logger that shows images: TensorBoard (add_image), wandb (log_image)."""
         for logger in trainer.loggers:
             add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
-            if callable(add_image):  # TensorBoard
-                for k, imgs in images.items():
-                    grid = (make_grid(imgs, nrow=4) + 1.0) / 2.0 if self.rescale else make_grid(imgs, nrow=4)
-                    add_image(f"{split}/{k}", grid, global_step=trainer.global_step)
+            log_image = getattr(logger, "log_image", None)
+            if not callable(add_image) and not callable(log_image):
+                continue  # e.g. CSV
+            for k, imgs in images.items():
+                grid = make_grid(imgs, nrow=4)
+                if not self.rescale:
+                    grid = grid * 2.0 - 1.0
+                if callable(log_image):
+                    log_image(key=f"{split}/{k}", images=[to_pil(grid)], step=trainer.global_step)
+                else:
+                    add_image(f"{split}/{k}", (grid + 1.0) / 2.0, global_step=trainer.global_step)
 
     def on_fit_start(self, trainer, pl_module):
         # log_images swallows **kwargs: a misspelt key (say, the guidance scale) would silently do nothing

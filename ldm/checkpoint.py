@@ -297,7 +297,12 @@ def load_checkpoint(path, map_location="cpu", extra_stand_ins=()):
             f"{_torch_reason(err)}; nothing from the file was executed).") from None
     except (RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError,
             zipfile.BadZipFile, OSError, MemoryError) as err:
-        raise CheckpointError(f"Could not read checkpoint {path} (truncated or not a checkpoint: "
+        if pkl is None:  # not a zip: say what the file looks like
+            with open(path, "rb") as f:
+                what = f"it is {_sniff(f.read(512))}; "
+        else:
+            what = "a damaged zip container; "
+        raise CheckpointError(f"Could not read checkpoint {path} ({what}truncated or not a checkpoint: "
                               f"{_torch_reason(err)})") from None
 
 

@@ -197,3 +197,32 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path, tiny_ckpt, uninterrupted):
     assert 2 <= stopped < 8, out
     entry.main(["-r", str(run), "-t", "--max_steps", "8"])
     assert torch.allclose(embedding(run / "checkpoints/embeddings.pt"), expected, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- loggers
+def test_loggers_get_metrics_and_the_image_grids(tmp_path, concept_dir, tiny_ckpt, monkeypatch):
+    """--logger csv,tensorboard,wandb: metrics in each; the grids in the two that show images (wandb offline)."""
+    loggers = ["csv"]
+    for name in ("tensorboard", "wandb"):
+        try:
+            __import__(name)
+            loggers.append(name)
+        except ImportError:
+            pass
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logs = tmp_path / "logs"
+    entry.main(run_args(logs, tiny_ckpt, concept_dir, "--max_steps", "2", "--logger", ",".join(loggers),
+                        "lightning.callbacks.image_logger.params.batch_frequency=2", "--log_every_n_steps", "1"))
+    run = run_dir(logs)
+    (metrics,) = glob.glob(str(run / "csv" / "*" / "metrics.csv"))
+    assert "train/loss_simple" in open(metrics).readline()
+    if "tensorboard" in loggers:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        (events,) = glob.glob(str(run / "tensorboard" / "*" / "events.out.tfevents.*"))
+        tags = EventAccumulator(events, size_guidance={"images": 0}).Reload().Tags()
+        assert "train/samples_placeholder" in tags["images"] and "train/loss_simple" in tags["scalars"]
+    if "wandb" in loggers:
+        (offline,) = glob.glob(str(run / "wandb" / "offline-run-*"))
+        images = glob.glob(os.path.join(offline, "files", "media", "images", "train", "samples_placeholder_*.png"))
+        assert images, os.listdir(offline)
