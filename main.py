@@ -24,7 +24,8 @@ from pytorch_lightning import seed_everything
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import DDPStrategy
 
-from ldm.callbacks import ImageLogger, InterruptCheckpoint, RunInterrupted, SetupCallback  # noqa: F401 (YAML targets)
+from ldm.callbacks import (ImageLogger, InterruptCheckpoint, RunInterrupted, SetupCallback,  # noqa: F401 (YAML targets)
+                           ThreadShare)
 from ldm.checkpoint import CheckpointError, SafeCheckpointIO, check_weights, load_checkpoint, remove_stray_temporaries
 from ldm.cli_checks import user_error_message
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401 (YAML targets)
@@ -465,7 +466,7 @@ def build_callbacks(opt, model, config, lightning_config, now, logdir, ckptdir, 
     callbacks_cfg.pop("ignore_keys_callback", None)  # Lightning 1.x only
     callbacks = [SetupCallback(resume=opt.resume, now=now, logdir=logdir, ckptdir=ckptdir, cfgdir=cfgdir,
                                config=config, lightning_config=lightning_config),
-                 InterruptCheckpoint(ckptdir)]
+                 InterruptCheckpoint(ckptdir), ThreadShare()]
     return callbacks + [instantiate_from_config(callbacks_cfg[k]) for k in callbacks_cfg]
 
 

@@ -1,6 +1,7 @@
 """Lightning callbacks of main.py: log directory setup, image grids, checkpoints on signals and crashes."""
 import os
 import signal
+import tempfile
 import time
 
 import numpy as np
@@ -246,6 +247,78 @@ class ImageLogger(Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if not self.disabled and pl_module.global_step > 0 and not trainer.sanity_checking:
             self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class ThreadShare(Callback):
+    """Gives each concurrent training on this machine an equal share of the CPU cores.
+
+    torch uses every core by default, so two runs at once oversubscribe the machine and each slows down several
+    times. Each run registers its pid in a folder of the temporary directory and, every `every_n_steps`, sets
+    its thread count to cores // (live runs). Does nothing when OMP_NUM_THREADS says how many threads to use.
+    """
+
+    def __init__(self, every_n_steps=20, registry=None):
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.registry = registry or os.path.join(tempfile.gettempdir(), "textual-inversion-runs")
+        self.active = "OMP_NUM_THREADS" not in os.environ
+        self._entry = None
+
+    def live_runs(self):
+        alive = 0
+        for name in os.listdir(self.registry):
+            try:
+                os.kill(int(name), 0)
+                alive += 1
+            except (ValueError, ProcessLookupError):
+                try:
+                    os.remove(os.path.join(self.registry, name))  # a run that died without unregistering
+                except OSError:
+                    pass
+            except PermissionError:  # another user's live process
+                alive += 1
+        return max(alive, 1)
+
+    def share(self):
+        threads = max(1, available_cores() // self.live_runs())
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
+    def on_fit_start(self, trainer, pl_module):
+        if not self.active or trainer.strategy.root_device.type != "cpu":
+            self.active = False
+            return
+        try:
+            os.makedirs(self.registry, exist_ok=True)
+            self._entry = os.path.join(self.registry, str(os.getpid()))
+            open(self._entry, "w").close()
+        except OSError:
+            self.active = False
+            return
+        self.share()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.active and trainer.global_step % self.every_n_steps == 0:
+            self.share()
+
+    def _unregister(self):
+        if self._entry is not None:
+            try:
+                os.remove(self._entry)
+            except OSError:
+                pass
+            self._entry = None
+
+    def on_fit_end(self, trainer, pl_module):
+        self._unregister()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._unregister()
 
 
 class CUDACallback(Callback):

@@ -9,6 +9,7 @@ Before anything is unpickled, a file must be a regular file, and a zip container
 uncompressed bytes than its size makes plausible (a zip bomb is refused, not inflated).
 Every file is written atomically: a temporary file in the same folder, flushed to disk, then renamed.
 """
+import errno
 import io
 import os
 import pickle
@@ -467,9 +468,14 @@ def atomic_write(path, write):
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1])
     os.close(fd)
     try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
+        try:
+            write(tmp)
+            _fsync(tmp)
+            os.replace(tmp, path)
+        except Exception as err:
+            if _disk_full(directory, err):  # torch and safetensors report it in their own words
+                raise OSError(errno.ENOSPC, "No space left on device", path) from err
+            raise
     except BaseException:
         try:
             os.remove(tmp)
@@ -477,6 +483,18 @@ def atomic_write(path, write):
             pass
         raise
     _fsync(directory, directory=True)
+
+
+def _disk_full(directory, err):
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(err):
+        return True
+    try:
+        stats = os.statvfs(directory)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+    return stats.f_bavail * stats.f_frsize < 64 * 1024
 
 
 def remove_stray_temporaries(directory):

@@ -56,9 +56,30 @@ def sampling_problems(opt):
     return errors, notes
 
 
+def placeholder_notes(opt):
+    """A warning when --prompt names none of the concepts --embedding_path loads (they would not be used)."""
+    paths, prompt = getattr(opt, "embedding_path", None), getattr(opt, "prompt", None)
+    if not paths or not prompt or getattr(opt, "from_file", None):
+        return []
+    names = list(getattr(opt, "placeholder_string", None) or [])
+    if not names:
+        from ldm.modules.embedding_io import load_embedding_file
+        for path in paths:
+            try:
+                names += list(load_embedding_file(path).vectors)
+            except (ValueError, OSError):
+                return []  # the loader itself reports the file
+    if any(name in prompt for name in names):
+        return []
+    return [f"--prompt {prompt!r} names none of the learned concepts ({', '.join(names)}): the embeddings will not "
+            "be used. Put the placeholder in the prompt, e.g. 'a photo of " + names[0] + "'."]
+
+
 def validate_sampling_args(opt, parser=None):
     """Exit with a one-line error for impossible sampling flags; warn about odd ones."""
     errors, notes = sampling_problems(opt)
+    if not errors:
+        notes += placeholder_notes(opt)
     for note in notes:
         warnings.warn(note)
     if errors:

@@ -193,3 +193,52 @@ def test_kill_9_at_random_moments_then_resume_is_exact(trial, tmp_path, tiny_ckp
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode in (0, 1), out  # 1: "nothing to do" when an earlier part already reached step 12
     assert_same(embedding(the_run(logs)), reference(12))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 4 MB tmpfs (needs root and permission to mount, else skipped)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def _fill(folder):
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(bytes(64 * 1024))
+                f.flush()
+        except OSError:
+            pass
+
+
+@POSIX
+@pytest.mark.parametrize("trouble", ["full", pytest.param("read-only", marks=pytest.mark.slow)])
+def test_a_full_or_read_only_log_disk_is_one_line_and_loses_nothing(trouble, small_filesystem, tiny_ckpt, reference):
+    logs = small_filesystem / "logs"
+    proc = start(run_args(logs, tiny_ckpt, reference.concept, 400,
+                          "lightning.modelcheckpoint.params.every_n_train_steps=1"))
+    assert wait_for(proc, lambda: glob.glob(str(logs / "*" / "checkpoints" / "embeddings_gs-3.pt")))
+    if trouble == "full":
+        _fill(small_filesystem)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    last = out.strip().splitlines()[-1]
+    expected = "no space left on the device" if trouble == "full" else "the file system is read-only"
+    assert last.startswith("main.py: error: cannot write") and expected in last, out[-2000:]
+    run = the_run(logs)
+    assert load_checkpoint(str(run / "checkpoints" / "last.ckpt"))["global_step"] >= 2  # still a good checkpoint
+    torch.load(run / "checkpoints" / "embeddings.pt", weights_only=True)
+    if trouble == "full":
+        os.remove(small_filesystem / "filler")
+    else:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_filesystem)], check=True)
+    step = load_checkpoint(str(run / "checkpoints" / "last.ckpt"))["global_step"]
+    assert_same(resume(run, step + 2), reference(step + 2))

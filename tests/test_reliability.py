@@ -286,3 +286,36 @@ def test_tiny_training_images_warn(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "ok.png")
     with pytest.warns(UserWarning, match="dot.png \\(1x1 px\\)"):
         list_images(str(tmp_path))
+
+
+def test_prompt_without_the_placeholder_warns(tmp_path):
+    from types import SimpleNamespace
+    from ldm.cli_checks import placeholder_notes
+    path = tmp_path / "embeddings.pt"
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": torch.zeros(1, 32)}}, path)
+    opt = SimpleNamespace(embedding_path=[str(path)], prompt="a photo of a cat", placeholder_string=None)
+    (note,) = placeholder_notes(opt)
+    assert "names none of the learned concepts (*)" in note
+    opt.prompt = "a photo of *"
+    assert placeholder_notes(opt) == []
+
+
+def test_concurrent_runs_share_the_cores(tmp_path, monkeypatch):
+    from ldm.callbacks import ThreadShare, available_cores
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    share = ThreadShare(registry=str(tmp_path / "runs"))
+    assert share.active
+    (tmp_path / "runs").mkdir()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    for pid in (os.getpid(), os.getppid(), finished.pid):  # two live runs, one that died without unregistering
+        (tmp_path / "runs" / str(pid)).touch()
+    try:
+        assert share.live_runs() == 2
+        assert share.share() == max(1, available_cores() // 2) == torch.get_num_threads()
+        assert sorted(os.listdir(tmp_path / "runs")) == sorted([str(os.getpid()), str(os.getppid())])
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert not ThreadShare(registry=str(tmp_path / "runs")).active
