@@ -400,7 +400,8 @@ def load_weights(module, path, ignore_keys=(), optional=(), verbose=True):
     """Fill `module` from the weights file `path`, strictly: every weight it needs must be in the file.
 
     Keys starting with any of `ignore_keys` are left out of the file (the module keeps its own values for them);
-    module keys starting with any of `optional` may be absent (named in the report). Returns (absent optional keys, unexpected keys).
+    module keys starting with any of `optional` may be absent (named in the report).
+    Returns (absent optional keys, unexpected keys).
     """
     raw = load_checkpoint(path)
     if isinstance(raw, dict) and ("string_to_param" in raw or "emb_params" in raw):

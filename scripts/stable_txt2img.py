@@ -14,7 +14,8 @@ from ldm.txt2img_common import build_parser, main as run  # noqa: E402
 
 
 def main(argv=None):
-    return run(checked_parser(build_parser("Stable Diffusion v1 text-to-image sampling (512 px, config + checkpoint)")), argv)
+    parser = build_parser("Stable Diffusion v1 text-to-image sampling (512 px, config + checkpoint)")
+    return run(checked_parser(parser), argv)
 
 
 if __name__ == "__main__":

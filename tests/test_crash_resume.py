@@ -96,7 +96,8 @@ def test_step_limit_then_plain_resume_is_exact_and_keeps_the_seed(tmp_path, tiny
 
 def test_a_run_ending_between_periodic_checkpoints_saves_its_last_step(tmp_path, tiny_ckpt, reference):
     logs = tmp_path / "logs"
-    entry.main(run_args(logs, tiny_ckpt, reference.concept, 5, "lightning.modelcheckpoint.params.every_n_train_steps=2"))
+    entry.main(run_args(logs, tiny_ckpt, reference.concept, 5,
+                        "lightning.modelcheckpoint.params.every_n_train_steps=2"))
     run = the_run(logs)
     assert load_checkpoint(str(run / "checkpoints/last.ckpt"))["global_step"] == 5
     assert (run / "checkpoints/embeddings_gs-5.pt").is_file()
@@ -142,7 +143,8 @@ def test_kill_9_during_a_checkpoint_write_loses_nothing_and_resumes_exactly(tmp_
 
 def test_damaged_last_ckpt_falls_back_to_the_newest_good_checkpoint(tmp_path, tiny_ckpt, reference, capsys):
     logs = tmp_path / "logs"
-    entry.main(run_args(logs, tiny_ckpt, reference.concept, 4, "lightning.modelcheckpoint.params.every_n_train_steps=2"))
+    entry.main(run_args(logs, tiny_ckpt, reference.concept, 4,
+                        "lightning.modelcheckpoint.params.every_n_train_steps=2"))
     run = the_run(logs)
     ckpts = run / "checkpoints"
     (ckpts / "last.ckpt").write_bytes(b"")  # what a kill during a cross-filesystem copy left

@@ -91,7 +91,8 @@ def test_resume_refuses_a_run_checkpoint_that_does_not_fit_the_config(tmp_path, 
     entry.main(run_args(tmp_path / "logs", tiny_ckpt, concept_dir, "--max_steps", "1"))
     (run,) = glob.glob(str(tmp_path / "logs" / "*"))
     with pytest.raises(entry.UsageError, match="for another model: .*embedding_manager"):
-        entry.main(["-r", run, "--max_steps", "2", "model.params.personalization_config.params.num_vectors_per_token=2"])
+        entry.main(["-r", run, "--max_steps", "2",
+                    "model.params.personalization_config.params.num_vectors_per_token=2"])
 
 
 def test_the_frozen_weights_a_run_checkpoint_omits_are_the_named_exception(tmp_path, tiny_ckpt, concept_dir, capsys):
@@ -145,7 +146,8 @@ def test_unknown_config_keys_are_errors_naming_the_closest_key(override, named, 
     args = run_args(tmp_path / "logs", tiny_ckpt, concept_dir, "--max_steps", "1", override)
     if "image_logger" in override:
         args.remove(NO_IMAGES)
-    with pytest.raises((entry.UsageError, ConfigError), match=f"Unknown config key `{override.split('=')[0].split('.')[-1]}`.*`{named}`"):
+    key = override.split("=")[0].split(".")[-1]
+    with pytest.raises((entry.UsageError, ConfigError), match=f"Unknown config key `{key}`.*`{named}`"):
         entry.main(args)
 
 
@@ -241,8 +243,8 @@ def test_odd_sampling_flags_warn():
 def test_nan_embedding_is_refused(tmp_path, sampling, capsys):
     module, args = sampling
     nan = tmp_path / "nan.pt"
-    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": torch.full((1, 32), float("nan"))}},
-               nan)
+    vectors = torch.full((1, 32), float("nan"))
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": vectors}}, nan)
     with pytest.raises(SystemExit, match="NaN"):
         module.main(args + ["--embedding_path", str(nan)])
 
