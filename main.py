@@ -167,9 +167,10 @@ def claim_run_dir(logdir):
 def choose_resume_checkpoint(logdir, requested, explicit):
     """-> (path, loaded checkpoint). A damaged last.ckpt falls back to the newest checkpoint that loads."""
     ckptdir = os.path.join(logdir, "checkpoints")
-    removed = remove_stray_temporaries(ckptdir)
+    folders = [ckptdir, os.path.join(logdir, "configs")] + glob.glob(os.path.join(logdir, "images", "*"))
+    removed = [name for folder in folders for name in remove_stray_temporaries(folder)]
     if removed:
-        print(f"Removed {len(removed)} unfinished temporary files a stopped run left in {ckptdir}.")
+        print(f"Removed {len(removed)} unfinished temporary files a stopped run left in {logdir}.")
     candidates = [requested]
     if not explicit:
         others = [p for p in glob.glob(os.path.join(ckptdir, "**", "*.ckpt"), recursive=True)

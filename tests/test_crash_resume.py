@@ -149,10 +149,11 @@ def test_damaged_last_ckpt_falls_back_to_the_newest_good_checkpoint(tmp_path, ti
     ckpts = run / "checkpoints"
     (ckpts / "last.ckpt").write_bytes(b"")  # what a kill during a cross-filesystem copy left
     (ckpts / ".tmp-abc123.ckpt").write_bytes(b"half a checkpoint")
+    (run / "configs" / ".tmp-def456.yaml").write_text("model: {")
     assert_same(resume(run, 8), reference(8))
     out = capsys.readouterr().out
     assert "last.ckpt is empty" in out and "instead" in out
-    assert not (ckpts / ".tmp-abc123.ckpt").exists()
+    assert not (ckpts / ".tmp-abc123.ckpt").exists() and not (run / "configs" / ".tmp-def456.yaml").exists()
 
 
 @pytest.mark.slow
