@@ -53,6 +53,13 @@ def _zip_bomb(inflated_bytes):
     return buffer.getvalue()
 
 
+def _legacy_declaring_8gb():
+    """torch's pre-1.6 (non-zip) format whose pickle declares an 8 GB storage for 16 bytes of data."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue().replace(b"cpuq\x06K\x04N", b"cpuq\x06J" + struct.pack("<i", 2_000_000_000) + b"N", 1)
+
+
 def _safetensors_huge_header():
     return struct.pack("<Q", 2 ** 40) + b"{}"
 
@@ -72,7 +79,7 @@ def _png():
 CORPUS_NAMES = [f"pickle_protocol_{p}.pt" for p in range(6)] + [
     "torch_zip_payload.ckpt", "embedding_payload.pt", "lightning_payload.ckpt", "eval_payload.pt", "exec_payload.pt",
     "numpy_object_array.pt", "empty.ckpt", "garbage.pt", "text.ckpt", "truncated_zip.ckpt", "png_named_pt.pt",
-    "zip_bomb.pt", "huge_header.safetensors", "out_of_bounds.safetensors", "json.safetensors", "fifo.pt",
+    "zip_bomb.pt", "legacy_declaring_8gb.pt", "huge_header.safetensors", "out_of_bounds.safetensors", "json.safetensors", "fifo.pt",
     "directory.ckpt", "dev_zero.ckpt"]
 
 
@@ -100,6 +107,7 @@ def build_corpus(folder, marker):
         "truncated_zip.ckpt": _torch_bytes({"state_dict": {"w": torch.randn(64, 64)}})[:3000],
         "png_named_pt.pt": _png(),
         "zip_bomb.pt": _zip_bomb(300 * 2 ** 20),
+        "legacy_declaring_8gb.pt": _legacy_declaring_8gb(),
         "huge_header.safetensors": _safetensors_huge_header(),
         "out_of_bounds.safetensors": _safetensors_out_of_bounds(),
         "json.safetensors": b'{"w": 1}',
