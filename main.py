@@ -4,26 +4,49 @@ Configs (`-b`, merged left to right, then `nested.key=value` dotlist arguments) 
 optional `lightning` block (`trainer`, `logger`, `modelcheckpoint`, `callbacks`); trainer flags given on the
 command line override `lightning.trainer`. A run writes logs/<time>_<name>/ with checkpoints/ (Lightning
 checkpoints, embeddings.pt, embeddings_gs-<step>.pt), configs/ (the merged configs), images/ and a CSV log.
-`-r LOGDIR` (or a checkpoint inside it) resumes that run exactly where it stopped.
+`-r LOGDIR` (or a checkpoint inside it) resumes that run's training exactly where it stopped, with the seed it
+was started with; a damaged last.ckpt falls back to the newest good checkpoint.
+
+Configs are code: every `target:` in them is imported and called. On `-r`, a run's saved configs may only name
+this project's modules (and a few Lightning/torch classes) unless `--trust_config` is given.
 """
 import argparse
 import datetime
 import glob
 import os
 import sys
+import warnings
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning import seed_everything
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: F401 (YAML targets)
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import DDPStrategy
 
-from ldm.callbacks import CUDACallback, ImageLogger, InterruptCheckpoint, SetupCallback  # noqa: F401 (YAML targets)
+from ldm.callbacks import (ImageLogger, InterruptCheckpoint, RunInterrupted, SetupCallback,  # noqa: F401 (YAML targets)
+                           ThreadShare)
+from ldm.checkpoint import CheckpointError, SafeCheckpointIO, check_weights, load_checkpoint, remove_stray_temporaries
+from ldm.cli_checks import user_error_message
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401 (YAML targets)
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
+if __name__ == "__main__":
+    # configs name `main.DataModuleFromConfig`: let that find this module instead of importing main.py twice
+    sys.modules.setdefault("main", sys.modules[__name__])
+
+DEFAULT_SEED = 23
+LOGGERS = ("csv", "tensorboard", "wandb")
+# A new run claims its folder (os.mkdir, exclusive); DDP workers that Lightning starts inherit the claimed name.
+RUN_DIR_ENV = "TEXTUAL_INVERSION_RUN_DIR"
+# `target:`s a run's configs may name on -r without --trust_config: this project's modules and these.
+TRUSTED_TARGET_PREFIXES = ("ldm.", "main.")
+TRUSTED_TARGETS = {
+    "torch.nn.Identity",
+    "pytorch_lightning.callbacks.ModelCheckpoint", "pytorch_lightning.callbacks.LearningRateMonitor",
+    "pytorch_lightning.loggers.CSVLogger", "pytorch_lightning.loggers.TensorBoardLogger",
+    "pytorch_lightning.loggers.WandbLogger",
+}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # Trainer options exposed as flags: name -> argparse type. Unset flags leave `lightning.trainer` alone.
@@ -58,9 +81,9 @@ def get_parser(**parser_kwargs):
                         help="paths to base configs, merged left to right; override keys with `nested.key=value`")
     parser.add_argument("-t", "--train", default=False, help="train", **flag)
     parser.add_argument("--no-test", default=False, help="disable test", **flag)
-    parser.add_argument("-p", "--project", help="name of new or path to existing project")
     parser.add_argument("-d", "--debug", default=False, help="enable post-mortem debugging", **flag)
-    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
+    parser.add_argument("-s", "--seed", type=int, default=None,
+                        help=f"seed for seed_everything (default {DEFAULT_SEED}; -r reuses the run's)")
     parser.add_argument("-f", "--postfix", type=str, default="", help="post-postfix for default name")
     parser.add_argument("-l", "--logdir", type=str, default="logs", help="directory for logging")
     parser.add_argument("--scale_lr", default=True, help="scale base-lr by ngpu * batch_size * n_accumulate",
@@ -74,6 +97,11 @@ def get_parser(**parser_kwargs):
     parser.add_argument("--placeholder_string", type=str,
                         help="placeholder string for the concept in prompts (overrides the configs)")
     parser.add_argument("--init_word", type=str, help="word whose embedding initialises the placeholder")
+    parser.add_argument("--logger", type=str, default="csv",
+                        help="where metrics and image grids go, comma-separated: csv (default), tensorboard, wandb "
+                             "(the last two are optional extras)")
+    parser.add_argument("--trust_config", default=False, **flag,
+                        help="on -r, allow the run's configs to name targets outside this project's modules")
     trainer = parser.add_argument_group("trainer", "override lightning.trainer of the configs")
     for name, kind in TRAINER_FLAGS.items():
         trainer.add_argument(f"--{name}", type=kind, default=None)
@@ -82,7 +110,10 @@ def get_parser(**parser_kwargs):
 
 # ----------------------------------------------------------------------------------------------- run directory
 def resolve_run_dir(opt, now):
-    """-> (logdir, nowname, ckpt to resume or None); on resume, prepends the run's saved configs to opt.base."""
+    """-> (logdir, nowname, ckpt to resume or None); on resume, prepends the run's saved configs to opt.base.
+
+    A new run's folder is only named here; `claim_run_dir` creates it once the inputs have been checked.
+    """
     if opt.name and opt.resume:
         raise UsageError("-n/--name and -r/--resume cannot be specified both. To start a new log folder from "
                          "the weights of a checkpoint, use -n/--name with --actual_resume.")
@@ -95,9 +126,11 @@ def resolve_run_dir(opt, now):
         else:
             logdir = opt.resume.rstrip("/\\")
             ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
-            if not os.path.isfile(ckpt):
-                raise UsageError(f"{ckpt} does not exist: pass the checkpoint to resume from with -r FILE.")
-        opt.base = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml"))) + list(opt.base)
+        configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
+        if not configs:
+            raise UsageError(f"{logdir} has no configs/*.yaml: -r takes a log directory written by main.py "
+                             "(logs/<time>_<name>) or a checkpoint inside its checkpoints/ folder.")
+        opt.base = configs + list(opt.base)
         return logdir, os.path.basename(logdir), ckpt
     if opt.name:
         name = "_" + opt.name
@@ -111,9 +144,96 @@ def resolve_run_dir(opt, now):
     return os.path.join(opt.logdir, nowname), nowname, None
 
 
+def claim_run_dir(logdir):
+    """Create a new run's folder exclusively; when another run took the name, take `<name>_1`, `<name>_2`, ..."""
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
+        return inherited  # a DDP worker: the launching process claimed the folder
+    os.makedirs(os.path.dirname(logdir) or ".", exist_ok=True)
+    candidate, n = logdir, 0
+    while True:
+        try:
+            os.mkdir(candidate)
+            break
+        except FileExistsError:
+            n += 1
+            candidate = f"{logdir}_{n}"
+    if candidate != logdir:
+        print(f"{logdir} is taken by another run: logging to {candidate}")
+    os.environ[RUN_DIR_ENV] = candidate
+    return candidate
+
+
+def choose_resume_checkpoint(logdir, requested, explicit):
+    """-> (path, loaded checkpoint). A damaged last.ckpt falls back to the newest checkpoint that loads."""
+    ckptdir = os.path.join(logdir, "checkpoints")
+    folders = [ckptdir, os.path.join(logdir, "configs")] + glob.glob(os.path.join(logdir, "images", "*"))
+    removed = [name for folder in folders for name in remove_stray_temporaries(folder)]
+    if removed:
+        print(f"Removed {len(removed)} unfinished temporary files a stopped run left in {logdir}.")
+    candidates = [requested]
+    if not explicit:
+        others = [p for p in glob.glob(os.path.join(ckptdir, "**", "*.ckpt"), recursive=True)
+                  if os.path.abspath(p) != os.path.abspath(requested)]
+        candidates += sorted(others, key=os.path.getmtime, reverse=True)
+    problems = []
+    for path in candidates:
+        if not os.path.exists(path):
+            problems.append(f"{path}: missing")
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+        except (CheckpointError, OSError) as err:
+            problems.append(str(err))
+            continue
+        if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
+            problems.append(f"{path}: not a Lightning training checkpoint")
+            continue
+        if problems:
+            print(f"WARNING: {problems[0]}\nResuming from {path} (step {ckpt['global_step']}) instead.")
+        return path, ckpt
+    if explicit:
+        raise UsageError(problems[0])
+    raise UsageError(f"No checkpoint to resume in {ckptdir}: " + "; ".join(problems)
+                     + ". Start a new run (without -r), or pass a checkpoint with -r FILE.")
+
+
+def check_config_targets(config_paths, trust):
+    """Configs are code: refuse a run's configs that would import anything outside this project."""
+    def targets(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("target"), str):
+                yield node["target"]
+            for value in node.values():
+                yield from targets(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from targets(value)
+
+    foreign = []
+    for path in config_paths:
+        for target in targets(OmegaConf.to_container(_load_yaml(path))):
+            if not target.startswith(TRUSTED_TARGET_PREFIXES) and target not in TRUSTED_TARGETS:
+                foreign.append(f"{target} ({path})")
+    if foreign and not trust:
+        raise UsageError("The run's configs would import code from outside this project: " + ", ".join(foreign)
+                         + ". Configs are code: check these files, and if you trust them re-run with --trust_config.")
+    for item in foreign:
+        print(f"Trusting config target {item} (--trust_config)")
+
+
 # ----------------------------------------------------------------------------------------------------- configs
+def _load_yaml(path):
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml's ScannerError/ParserError, a config that is not a mapping, unreadable
+        detail = " ".join(str(err).split())[:200]
+        raise UsageError(f"Config {path} could not be read ({type(err).__name__}: {detail}): fix the YAML.") from None
+
+
 def load_config(opt, unknown):
-    """Merge the base configs and the dotlist overrides; -> (config without `lightning`, lightning config)."""
+    """Merge the base configs and the dotlist overrides; -> (config without `lightning` and `run`, lightning
+    config, run config: what main.py itself records about the run, e.g. its seed)."""
     for path in opt.base:
         if not os.path.isfile(path):
             raise UsageError(f"Config file {path} not found: check the path given to -b/--base "
@@ -121,9 +241,28 @@ def load_config(opt, unknown):
     bad = [arg for arg in unknown if "=" not in arg or arg.startswith("-")]
     if bad:
         raise UsageError(f"Unrecognised arguments {bad}: config overrides take the form nested.key=value.")
-    config = OmegaConf.merge(*[OmegaConf.load(p) for p in opt.base], OmegaConf.from_dotlist(unknown))
+    try:
+        overrides = OmegaConf.from_dotlist(unknown)
+    except Exception as err:
+        raise UsageError(f"Could not parse the overrides {unknown}: {err}") from None
+    config = OmegaConf.merge(*[_load_yaml(p) for p in opt.base], overrides)
     lightning_config = config.pop("lightning", OmegaConf.create())
-    return config, lightning_config
+    run_config = config.pop("run", OmegaConf.create())
+    if "model" not in config:
+        raise UsageError(f"No `model:` in the configs {opt.base}: give a training config with -b/--base.")
+    return config, lightning_config, run_config
+
+
+def choose_seed(opt, run_config):
+    """A resumed run keeps the seed it was started with (a different -s is allowed, with a warning)."""
+    stored = run_config.get("seed")
+    if stored is None:
+        return DEFAULT_SEED if opt.seed is None else opt.seed
+    if opt.seed is not None and opt.seed != stored:
+        warnings.warn(f"-s {opt.seed} differs from the seed the run was started with ({stored}): the resumed run "
+                      "will not match an uninterrupted one.")
+        return opt.seed
+    return stored
 
 
 def _has_images(folder):
@@ -147,6 +286,14 @@ def apply_cli_to_config(opt, config):
         for split in data_splits:
             split.params.data_root = opt.data_root
 
+    for flag in ("placeholder_string", "init_word"):
+        value = getattr(opt, flag)
+        if value is not None and not value.strip():
+            raise UsageError(f"--{flag} is empty: give a word (e.g. --{flag} "
+                             f"{'*' if flag == 'placeholder_string' else 'dog'}) or leave the flag out.")
+    if opt.placeholder_string and opt.placeholder_string.isalpha():
+        warnings.warn(f"--placeholder_string {opt.placeholder_string!r} is an ordinary word: every prompt that uses "
+                      "the word will get the learned concept instead. A rare string such as '*' avoids that.")
     personalization = config.model.params.get("personalization_config")
     wants_personalization = opt.placeholder_string or opt.init_word or opt.embedding_manager_ckpt
     if wants_personalization and personalization is None:
@@ -180,8 +327,27 @@ def build_model(config):
           + (f" from {config.model.params.ckpt_path}" if config.model.params.get("ckpt_path") else ""))
     try:
         return instantiate_from_config(config.model)
+    except ConfigError as e:  # an unknown key, named with the closest valid one
+        raise UsageError(str(e)) from None
+    except CheckpointError as e:  # a weights file that does not fit the config
+        raise UsageError(f"--actual_resume / model.params.ckpt_path: {e}") from None
     except ValueError as e:  # e.g. an init word of more tokens than num_vectors_per_token
-        raise UsageError(f"Could not build the model: {e}") from e
+        raise UsageError(f"Could not build the model: {e}") from None
+
+
+def check_resume_weights(model, ckpt, path):
+    """The run's checkpoint must hold every trainable weight of the model the configs build, in its shapes;
+    the frozen weights a textual-inversion checkpoint deliberately leaves out come from the base model."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    frozen = tuple(k for k in model.state_dict() if k not in trainable) \
+        if getattr(model, "prunes_checkpoints", False) else ()
+    try:
+        absent, _ = check_weights(model, ckpt["state_dict"], path, optional=frozen)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    if absent:
+        print(f"{path}: the learned weights and the optimizer state; its {len(absent)} frozen weights are not in "
+              "it by design and come from the base model (model.params.ckpt_path).")
 
 
 # ----------------------------------------------------------------------------------------------------- trainer
@@ -242,14 +408,29 @@ def _find_unused_parameters(config):
 
 
 def build_loggers(lightning_config, logdir, nowname, opt):
+    """`lightning.logger` from the configs, else --logger: csv (default), tensorboard, wandb (offline unless
+    WANDB_MODE=online). TensorBoard and wandb are optional extras: `pip install -e .[tensorboard]` / `.[wandb]`."""
     if "logger" in lightning_config:
         return [instantiate_from_config(lightning_config.logger)]
-    loggers = [CSVLogger(save_dir=logdir, name="csv")]
-    try:
-        from pytorch_lightning.loggers import TensorBoardLogger
-        loggers.append(TensorBoardLogger(save_dir=logdir, name="tensorboard"))
-    except ModuleNotFoundError:
-        pass  # tensorboard is optional
+    kinds = [k.strip() for k in opt.logger.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in LOGGERS]
+    if unknown or not kinds:
+        raise UsageError(f"--logger {opt.logger}: choose one or more of {', '.join(LOGGERS)}, comma-separated.")
+    loggers = []
+    for kind in dict.fromkeys(kinds):
+        try:
+            if kind == "csv":
+                loggers.append(CSVLogger(save_dir=logdir, name="csv"))
+            elif kind == "tensorboard":
+                from pytorch_lightning.loggers import TensorBoardLogger
+                loggers.append(TensorBoardLogger(save_dir=logdir, name="tensorboard"))
+            else:
+                from pytorch_lightning.loggers import WandbLogger
+                offline = os.environ.get("WANDB_MODE", "offline") != "online"
+                loggers.append(WandbLogger(save_dir=logdir, name=nowname, offline=offline))
+        except ModuleNotFoundError as err:
+            raise UsageError(f"--logger {kind} needs {err.name or kind}, which is not installed: "
+                             f"pip install -e .[{kind}]") from None
     return loggers
 
 
@@ -268,10 +449,11 @@ def build_callbacks(opt, model, config, lightning_config, now, logdir, ckptdir, 
     print(f"Merged modelckpt-cfg: \n{modelckpt_cfg}")
 
     defaults = {
-        "image_logger": {"target": "main.ImageLogger",
+        "image_logger": {"target": "ldm.callbacks.ImageLogger",
                          "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},
-        "learning_rate_logger": {"target": "main.LearningRateMonitor", "params": {"logging_interval": "step"}},
-        "cuda_callback": {"target": "main.CUDACallback"},
+        "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
+                                 "params": {"logging_interval": "step"}},
+        "cuda_callback": {"target": "ldm.callbacks.CUDACallback"},
         "checkpoint_callback": modelckpt_cfg,
     }
     user_cfg = lightning_config.get("callbacks", OmegaConf.create())
@@ -285,18 +467,19 @@ def build_callbacks(opt, model, config, lightning_config, now, logdir, ckptdir, 
     callbacks_cfg.pop("ignore_keys_callback", None)  # Lightning 1.x only
     callbacks = [SetupCallback(resume=opt.resume, now=now, logdir=logdir, ckptdir=ckptdir, cfgdir=cfgdir,
                                config=config, lightning_config=lightning_config),
-                 InterruptCheckpoint(ckptdir)]
+                 InterruptCheckpoint(ckptdir), ThreadShare()]
     return callbacks + [instantiate_from_config(callbacks_cfg[k]) for k in callbacks_cfg]
 
 
-def build_trainer(opt, model, data, config, lightning_config, now, logdir, ckptdir, cfgdir, nowname):
-    kwargs = trainer_options(opt, lightning_config)
+def build_trainer(opt, options, model, data, config, lightning_config, now, logdir, ckptdir, cfgdir, nowname):
+    kwargs = dict(options)
     n_devices = _count_devices(kwargs.get("accelerator"), kwargs.get("devices", "auto"))
     if "strategy" not in kwargs and n_devices * kwargs.get("num_nodes", 1) > 1:
         kwargs["strategy"] = DDPStrategy(find_unused_parameters=_find_unused_parameters(config))
     if isinstance(data, DataModuleFromConfig):
         kwargs.setdefault("use_distributed_sampler", False)  # its sampler shards by rank (and resumes) itself
     kwargs.update(
+        plugins=[SafeCheckpointIO()],
         default_root_dir=logdir,
         logger=build_loggers(lightning_config, logdir, nowname, opt),
         callbacks=build_callbacks(opt, model, config, lightning_config, now, logdir, ckptdir, cfgdir),
@@ -321,6 +504,22 @@ def set_learning_rate(opt, model, config, trainer):
 
 
 # ------------------------------------------------------------------------------------------------------------ run
+def _data_setup(data):
+    try:
+        data.setup()
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    except (FileNotFoundError, ValueError) as err:  # a missing folder, no readable images
+        raise UsageError(f"Could not build the datasets: {err}") from None
+
+
+def _steps_left(ckpt, options, path):
+    max_steps = options.get("max_steps", -1)
+    if max_steps is not None and 0 <= max_steps <= ckpt["global_step"]:
+        raise UsageError(f"The run already trained {ckpt['global_step']} steps ({path}) and max_steps is "
+                         f"{max_steps}: nothing to do. Pass --max_steps N (N > {ckpt['global_step']}) to train on.")
+
+
 def main(argv=None):
     """Parse `argv` (default: sys.argv[1:]), train and/or test; returns the trainer."""
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
@@ -328,26 +527,46 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     opt, unknown = get_parser().parse_known_args(argv)
     logdir, nowname, resume_ckpt = resolve_run_dir(opt, now)
-    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
-    seed_everything(opt.seed)
-
-    config, lightning_config = load_config(opt, unknown)
+    if opt.resume:
+        check_config_targets(sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml"))), opt.trust_config)
+        resume_ckpt, resume_state = choose_resume_checkpoint(logdir, resume_ckpt, os.path.isfile(opt.resume))
+    config, lightning_config, run_config = load_config(opt, unknown)
+    seed = choose_seed(opt, run_config)
+    seed_everything(seed)
     apply_cli_to_config(opt, config)
-    model = build_model(config)
-    data = instantiate_from_config(config.data)
-    trainer = build_trainer(opt, model, data, config, lightning_config, now, logdir, ckptdir, cfgdir, nowname)
 
+    train = opt.train or bool(opt.resume)  # resuming a run resumes its training
+    has_test = not opt.no_test and "test" in config.get("data", {}).get("params", {})
+    if not train and not has_test:
+        raise UsageError("Nothing to do: add -t to train (a new run), or -r LOGDIR to resume one.")
+    options = trainer_options(opt, lightning_config)
+    if opt.resume:
+        _steps_left(resume_state, options, resume_ckpt)
+
+    model = build_model(config)
+    if opt.resume:
+        check_resume_weights(model, resume_state, resume_ckpt)
+        del resume_state
+    try:
+        data = instantiate_from_config(config.data)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
     # building the datasets here reports a bad data folder before any training starts
-    data.setup()
+    _data_setup(data)
+    if not opt.resume:
+        logdir = claim_run_dir(logdir)
+    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
+    config.run = {"seed": seed}  # saved with the run's config, so that -r continues with it
+    trainer = build_trainer(opt, options, model, data, config, lightning_config, now, logdir, ckptdir, cfgdir, nowname)
     print("#### Data #####")
     for k, dataset in getattr(data, "datasets", {}).items():
         print(f"{k}, {dataset.__class__.__name__}, {len(dataset)}")
     set_learning_rate(opt, model, config, trainer)
 
     try:
-        if opt.train:
+        if train:
             trainer.fit(model, data, ckpt_path=resume_ckpt)
-        if not opt.no_test and not trainer.interrupted and "test" in getattr(data, "dataset_configs", {}):
+        if has_test and not trainer.interrupted:
             trainer.test(model, data)
     except Exception:
         if opt.debug and trainer.global_rank == 0:
@@ -363,8 +582,24 @@ def main(argv=None):
     return trainer
 
 
-if __name__ == "__main__":
+def one_line_error(err):
+    """The message main.py prints for an error users can fix, or None for a bug (which keeps its traceback)."""
+    if err is None:
+        return None
+    return str(err) if isinstance(err, UsageError) else user_error_message(err)
+
+
+def cli():
     try:
         main()
-    except UsageError as error:
-        sys.exit(f"main.py: error: {error}")
+    except RunInterrupted as stop:
+        sys.exit(f"main.py: {stop}")
+    except Exception as err:
+        message = one_line_error(err) or one_line_error(err.__cause__ or err.__context__)
+        if message is None:
+            raise
+        sys.exit(f"main.py: error: {message}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -23,5 +23,9 @@ setup(
         "numpy",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest>=7", "diffusers>=0.30"]},
+    extras_require={
+        "test": ["pytest>=7", "diffusers>=0.30"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.16"],
+    },
 )

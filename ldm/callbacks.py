@@ -1,6 +1,7 @@
 """Lightning callbacks of main.py: log directory setup, image grids, checkpoints on signals and crashes."""
 import os
 import signal
+import tempfile
 import time
 
 import numpy as np
@@ -11,7 +12,12 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from ldm.util import make_grid, to_pil
+from ldm.checkpoint import atomic_write
+from ldm.util import check_parameters, make_grid, named_parameters, to_pil
+
+
+class RunInterrupted(Exception):
+    """Training stopped on Ctrl-C after saving last.ckpt at a step boundary (main.py exits non-zero)."""
 
 
 class SetupCallback(Callback):
@@ -36,75 +42,112 @@ class SetupCallback(Callback):
             os.makedirs(os.path.join(self.ckptdir, "trainstep_checkpoints"), exist_ok=True)
         print("Project config")
         print(OmegaConf.to_yaml(self.config))
-        OmegaConf.save(self.config, os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
+        save_config(self.config, os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
         print("Lightning config")
         print(OmegaConf.to_yaml(self.lightning_config))
-        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
-                       os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+        save_config(OmegaConf.create({"lightning": self.lightning_config}),
+                    os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
 
 
-def save_last_checkpoint(trainer, ckptdir, all_ranks=True):
-    """Write ckptdir/last.ckpt now.
+def save_config(config, path):
+    atomic_write(path, lambda tmp: OmegaConf.save(config, tmp))
 
-    `trainer.save_checkpoint` synchronises all ranks; when only one rank is here (it alone crashed), rank zero
-    writes the checkpoint itself instead of waiting for the others forever.
-    """
+
+def save_last_checkpoint(trainer, ckptdir):
+    """Write ckptdir/last.ckpt now (all ranks take part: `trainer.save_checkpoint` synchronises them)."""
     path = os.path.join(ckptdir, "last.ckpt")
-    if all_ranks or trainer.world_size == 1:
-        if trainer.global_rank == 0:
-            print(f"Summoning checkpoint: {path}")
-        trainer.save_checkpoint(path)
-    elif trainer.global_rank == 0:
+    if trainer.global_rank == 0:
         print(f"Summoning checkpoint: {path}")
-        trainer.strategy.checkpoint_io.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), path)
+    trainer.save_checkpoint(path)
 
 
 class InterruptCheckpoint(Callback):
-    """Saves last.ckpt when training stops abnormally, so that `main.py -r LOGDIR` carries on from there.
+    """Saves last.ckpt when training stops early, so that `main.py -r LOGDIR` carries on exactly from there.
 
-    - SIGTERM (Lightning finishes the current step, then raises SIGTERMException), Ctrl-C and any exception:
-      saved from `on_exception`; the process then exits (SIGTERM: cleanly).
+    - Ctrl-C (SIGINT): the current step finishes, last.ckpt is saved, and training stops (RunInterrupted);
+      a second Ctrl-C stops at once, without saving a half-done step.
     - SIGUSR1 (where the platform has it): saved after the current step, and training goes on, like the
-      original's `melk`. Saving inside the signal handler itself could catch a half-done optimizer step.
+      original's `melk`.
+    - SIGTERM: Lightning finishes the current step and raises SIGTERMException; saved from `on_exception`.
+    - the step limit: saved at the end of training unless a checkpoint of that very step exists.
+    - any other exception: saved from `on_exception` (single process; other ranks of a crashed DDP run would
+      wait forever for the crashed one).
+    Saving inside a signal handler itself could catch a half-done optimizer step, so handlers only set flags.
     """
 
     def __init__(self, ckptdir):
         super().__init__()
         self.ckptdir = ckptdir
         self._save_requested = False
-        self._previous_handler = None
+        self._stop_requested = False
+        self._saved_step = None
+        self._previous_handlers = {}
 
     def _request_save(self, signum, frame):
         self._save_requested = True
 
+    def _request_stop(self, signum, frame):
+        if self._stop_requested:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self._stop_requested = True
+        print("\nCtrl-C: stopping after this step and saving last.ckpt (press Ctrl-C again to stop at once).")
+
     def on_fit_start(self, trainer, pl_module):
+        handlers = {signal.SIGINT: self._request_stop}
         if hasattr(signal, "SIGUSR1"):
+            handlers[signal.SIGUSR1] = self._request_save
+        for signum, handler in handlers.items():
             try:
-                self._previous_handler = signal.signal(signal.SIGUSR1, self._request_save)
+                self._previous_handlers[signum] = signal.signal(signum, handler)
             except ValueError:  # not in the main thread: leave signals alone
-                self._previous_handler = None
+                pass
 
     def on_fit_end(self, trainer, pl_module):
-        self._restore_handler()
+        self._restore_handlers()
 
-    def _restore_handler(self):
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGUSR1, self._previous_handler)
-            self._previous_handler = None
+    def _restore_handlers(self):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._save_requested:
-            self._save_requested = False
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self._saved_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module):
+        # ModelCheckpoint(every_n_train_steps=N) does not save a run that ends between two multiples of N: without
+        # this, last.ckpt and embeddings.pt would lag behind the finished run.
+        if trainer.global_step > 0 and self._saved_step != trainer.global_step:
             save_last_checkpoint(trainer, self.ckptdir)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        save, stop = self._save_requested or self._stop_requested, self._stop_requested
+        if trainer.world_size > 1:  # a signal reaches ranks at different steps: act together
+            save = trainer.strategy.reduce_boolean_decision(save, all=False)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if save:
+            self._save_requested = False
+            save_last_checkpoint(trainer, self.ckptdir)
+        if stop:
+            raise RunInterrupted(f"interrupted by Ctrl-C at step {trainer.global_step}; saved "
+                                 f"{os.path.join(self.ckptdir, 'last.ckpt')}. Resume with: python main.py -r "
+                                 f"{os.path.dirname(os.path.abspath(self.ckptdir))}")
+
     def on_exception(self, trainer, pl_module, exception):
-        self._restore_handler()
+        self._restore_handlers()
         if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
             return  # nothing trained yet
-        everyone = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+        if self._saved_step == trainer.global_step or isinstance(exception, KeyboardInterrupt):
+            if isinstance(exception, KeyboardInterrupt) and trainer.global_rank == 0:
+                print("Stopped at once: last.ckpt is the last one saved before (resume goes on from there).")
+            return
+        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
+            return  # only this rank failed: the others cannot join a save
         if isinstance(exception, SIGTERMException) and trainer.global_rank == 0:
             print("Received SIGTERM: saving a checkpoint before exiting.")
-        save_last_checkpoint(trainer, self.ckptdir, all_ranks=everyone)
+        try:
+            save_last_checkpoint(trainer, self.ckptdir)
+        except OSError as err:  # e.g. the disk is full: keep the last good checkpoint, report the first error
+            print(f"Could not save last.ckpt ({err.strerror}); the previous checkpoints are intact.")
 
 
 class ImageLogger(Callback):
@@ -147,16 +190,35 @@ class ImageLogger(Callback):
             grid = make_grid(imgs, nrow=4)
             if not self.rescale:  # images already in [0, 1]
                 grid = grid * 2.0 - 1.0
-            to_pil(grid).save(os.path.join(root, f"{k}_gs-{global_step:06}_e-{current_epoch:06}_b-{batch_idx:06}.jpg"))
+            image = to_pil(grid)
+            path = os.path.join(root, f"{k}_gs-{global_step:06}_e-{current_epoch:06}_b-{batch_idx:06}.jpg")
+            atomic_write(path, lambda tmp: image.save(tmp, format="JPEG"))
 
     @rank_zero_only
     def log_to_loggers(self, trainer, images, split):
+        """The grids to every logger that shows images: TensorBoard (add_image), wandb (log_image)."""
         for logger in trainer.loggers:
             add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
-            if callable(add_image):  # TensorBoard
-                for k, imgs in images.items():
-                    grid = (make_grid(imgs, nrow=4) + 1.0) / 2.0 if self.rescale else make_grid(imgs, nrow=4)
-                    add_image(f"{split}/{k}", grid, global_step=trainer.global_step)
+            log_image = getattr(logger, "log_image", None)
+            if not callable(add_image) and not callable(log_image):
+                continue  # e.g. CSV
+            for k, imgs in images.items():
+                grid = make_grid(imgs, nrow=4)
+                if not self.rescale:
+                    grid = grid * 2.0 - 1.0
+                if callable(log_image):
+                    log_image(key=f"{split}/{k}", images=[to_pil(grid)], step=trainer.global_step)
+                else:
+                    add_image(f"{split}/{k}", (grid + 1.0) / 2.0, global_step=trainer.global_step)
+
+    def on_fit_start(self, trainer, pl_module):
+        # log_images swallows **kwargs: a misspelt key (say, the guidance scale) would silently do nothing
+        log_images = getattr(pl_module, "log_images", None)
+        if callable(log_images) and self.log_images_kwargs:
+            check_parameters(log_images, self.log_images_kwargs,
+                             f"lightning.callbacks.image_logger.params.log_images_kwargs "
+                             f"({type(pl_module).__name__}.log_images)",
+                             accepted=named_parameters(log_images) - {"batch"})
 
     def log_img(self, trainer, pl_module, batch, batch_idx, split="train"):
         check_idx = batch_idx if self.log_on_batch_idx else pl_module.global_step
@@ -185,6 +247,78 @@ class ImageLogger(Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if not self.disabled and pl_module.global_step > 0 and not trainer.sanity_checking:
             self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class ThreadShare(Callback):
+    """Gives each concurrent training on this machine an equal share of the CPU cores.
+
+    torch uses every core by default, so two runs at once oversubscribe the machine and each slows down several
+    times. Each run registers its pid in a folder of the temporary directory and, every `every_n_steps`, sets
+    its thread count to cores // (live runs). Does nothing when OMP_NUM_THREADS says how many threads to use.
+    """
+
+    def __init__(self, every_n_steps=20, registry=None):
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.registry = registry or os.path.join(tempfile.gettempdir(), "textual-inversion-runs")
+        self.active = "OMP_NUM_THREADS" not in os.environ
+        self._entry = None
+
+    def live_runs(self):
+        alive = 0
+        for name in os.listdir(self.registry):
+            try:
+                os.kill(int(name), 0)
+                alive += 1
+            except (ValueError, ProcessLookupError):
+                try:
+                    os.remove(os.path.join(self.registry, name))  # a run that died without unregistering
+                except OSError:
+                    pass
+            except PermissionError:  # another user's live process
+                alive += 1
+        return max(alive, 1)
+
+    def share(self):
+        threads = max(1, available_cores() // self.live_runs())
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
+    def on_fit_start(self, trainer, pl_module):
+        if not self.active or trainer.strategy.root_device.type != "cpu":
+            self.active = False
+            return
+        try:
+            os.makedirs(self.registry, exist_ok=True)
+            self._entry = os.path.join(self.registry, str(os.getpid()))
+            open(self._entry, "w").close()
+        except OSError:
+            self.active = False
+            return
+        self.share()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.active and trainer.global_step % self.every_n_steps == 0:
+            self.share()
+
+    def _unregister(self):
+        if self._entry is not None:
+            try:
+                os.remove(self._entry)
+            except OSError:
+                pass
+            self._entry = None
+
+    def on_fit_end(self, trainer, pl_module):
+        self._unregister()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._unregister()
 
 
 class CUDACallback(Callback):

@@ -1,5 +1,7 @@
 """Small helpers shared by every component; `instantiate_from_config` makes each one swappable from YAML."""
+import difflib
 import importlib
+import inspect
 from inspect import isfunction
 
 import numpy as np
@@ -7,19 +9,72 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
-def get_obj_from_str(string, reload=False):
-    module, cls = string.rsplit(".", 1)
-    if reload:
-        importlib.reload(importlib.import_module(module))
-    return getattr(importlib.import_module(module, package=None), cls)
+class ConfigError(ValueError):
+    """A config names a target that does not exist, or passes it a parameter it does not take."""
+
+
+def get_obj_from_str(string):
+    module, _, name = string.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"Config target {string!r} cannot be imported ({err}): check its spelling.") from None
+
+
+def accepted_parameters(target):
+    """Names of the keyword parameters `target` (a class or function) takes, or None when it takes any.
+
+    A constructor that passes **kwargs on to its base class accepts its base's parameters too; the walk
+    stops at the first constructor without **kwargs, or gives up (None) at one outside this project.
+    """
+    if not inspect.isclass(target):
+        functions = [target]
+    else:
+        functions = [cls.__dict__["__init__"] for cls in target.__mro__ if "__init__" in cls.__dict__]
+    names = set()
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return names - {"self"}
+        if not getattr(function, "__module__", "").startswith(("ldm.", "main")):
+            return None
+    return None
+
+
+def named_parameters(function):
+    """The keyword parameters `function` names, ignoring any **kwargs it takes."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_parameters(target, given, what, accepted=None):
+    """Raise ConfigError naming the first key of `given` that `target` does not take (or that is not in
+    `accepted`, when given), and the closest valid one."""
+    accepted = accepted_parameters(target) if accepted is None else accepted
+    if accepted is None:
+        return
+    unknown = [key for key in given if key not in accepted]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(accepted), n=1, cutoff=0.6)
+        hint = f"did you mean `{close[0]}`?" if close else f"valid keys: {', '.join(sorted(accepted))}"
+        raise ConfigError(f"Unknown config key `{key}` for {what}: {hint}")
 
 
 def instantiate_from_config(config, **kwargs):
     if "target" not in config:
         if config in ("__is_first_stage__", "__is_unconditional__"):
             return None
-        raise KeyError(f"Expected key `target` to instantiate, got: {dict(config) if hasattr(config, 'keys') else config}")
-    return get_obj_from_str(config["target"])(**config.get("params", dict()), **kwargs)
+        raise ConfigError(f"Expected key `target` to instantiate, got: "
+                          f"{dict(config) if hasattr(config, 'keys') else config}")
+    target = get_obj_from_str(config["target"])
+    params = config.get("params", dict()) or {}
+    check_parameters(target, list(params) + list(kwargs), config["target"])
+    return target(**params, **kwargs)
 
 
 def exists(x):
@@ -30,19 +85,6 @@ def default(val, d):
     if exists(val):
         return val
     return d() if isfunction(d) else d
-
-
-def ismap(x):
-    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] > 3
-
-
-def isimage(x):
-    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] in (1, 3)
-
-
-def mean_flat(tensor):
-    """Mean over all non-batch dimensions."""
-    return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
 def count_params(model, verbose=False):

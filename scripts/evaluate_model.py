@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from evaluation import sample_images  # noqa: E402
 from evaluation.shapes_eval import evaluate_images, parse_target  # noqa: E402
+from ldm.cli_checks import checked_parser, run_cli  # noqa: E402
 from ldm.data.image_ops import load_rgb  # noqa: E402
 from ldm.data.personalized import list_images  # noqa: E402
 
@@ -133,7 +134,7 @@ def format_table(results):
 
 
 def main(argv=None):
-    opt = build_parser().parse_args(argv)
+    opt = checked_parser(build_parser()).parse_args(argv)
     target = check_options(opt)
     torch.manual_seed(opt.seed)
     references = [load_rgb(p) for p in list_images(opt.data_dir)] if opt.data_dir else []
@@ -155,4 +156,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

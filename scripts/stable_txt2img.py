@@ -9,12 +9,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
+from ldm.cli_checks import checked_parser, run_cli  # noqa: E402
 from ldm.txt2img_common import build_parser, main as run  # noqa: E402
 
 
 def main(argv=None):
-    return run(build_parser("Stable Diffusion v1 text-to-image sampling (512 px, config + checkpoint)"), argv)
+    parser = build_parser("Stable Diffusion v1 text-to-image sampling (512 px, config + checkpoint)")
+    return run(checked_parser(parser), argv)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
+from ldm.cli_checks import checked_parser, run_cli  # noqa: E402
 from ldm.txt2img_common import build_parser, main as run  # noqa: E402
 
 
@@ -21,8 +22,8 @@ def main(argv=None):
         H=256, W=256, ddim_steps=200, n_iter=1, n_samples=4, scale=5.0, precision="full")
     # The original script named the checkpoint flag --ckpt_path.
     parser.add_argument("--ckpt_path", dest="ckpt", help=argparse.SUPPRESS)
-    return run(parser, argv)
+    return run(checked_parser(parser), argv)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

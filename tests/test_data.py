@@ -98,7 +98,7 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
         PersonalizedBase(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / ".hidden").write_text("x")
-    with pytest.raises(ValueError, match="No images found.*empty"):
+    with pytest.raises(ValueError, match="No readable images.*empty"):
         PersonalizedBase(str(tmp_path / "empty"))
 
 

@@ -46,10 +46,21 @@ class RandomCaptions(Dataset):
         return {"i": i, "caption": random.random(), "flip": torch.rand(())}
 
 
-def loader(batch_size=3, consumed=lambda: 0):
+def loader(batch_size=3):
     sampler = ResumableSampler(10, shuffle=True, seed=5)
     return ResumableDataLoader(SeededItems(RandomCaptions()), sampler=sampler, batch_size=batch_size,
-                               generator=torch.Generator().manual_seed(5), consumed_batches=consumed)
+                               generator=torch.Generator().manual_seed(5))
+
+
+def consume(dl, epoch, n):
+    """Take `n` batches of pass `epoch` as the training loop does, with one more fetched ahead."""
+    for _ in range(epoch):
+        list(dl.sampler)
+    it = iter(dl)
+    for _ in range(n):
+        next(it)
+        dl.batch_consumed()
+    next(it, None)
 
 
 def batches(dl, epoch):
@@ -73,8 +84,8 @@ def test_data_stream_depends_only_on_seed_epoch_and_position():
 
 def test_loader_resumes_mid_epoch_from_its_state():
     full = batches(loader(), 3)
-    interrupted = loader(consumed=lambda: 2)
-    batches(interrupted, 3)
+    interrupted = loader()
+    consume(interrupted, 3, 2)
     state = interrupted.state_dict()
     assert state == {"epoch": 3, "consumed_batches": 2}
     resumed = loader()
@@ -82,9 +93,13 @@ def test_loader_resumes_mid_epoch_from_its_state():
     rest = [torch.cat([b["i"].float(), b["caption"].float(), b["flip"]]) for b in resumed]
     assert len(rest) == len(full) - 2
     assert all(torch.equal(a, b) for a, b in zip(full[2:], rest))
-    finished = loader(consumed=lambda: 4)
-    batches(finished, 3)
+    finished = loader()
+    consume(finished, 3, 4)
     assert finished.state_dict() == {"epoch": 4, "consumed_batches": 0}
+    # a checkpoint of a resumed run taken before it consumed anything keeps the position it resumed at
+    fresh = loader()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
 
 
 # ------------------------------------------------------------------------------------------- command line
@@ -197,3 +212,32 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path, tiny_ckpt, uninterrupted):
     assert 2 <= stopped < 8, out
     entry.main(["-r", str(run), "-t", "--max_steps", "8"])
     assert torch.allclose(embedding(run / "checkpoints/embeddings.pt"), expected, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- loggers
+def test_loggers_get_metrics_and_the_image_grids(tmp_path, concept_dir, tiny_ckpt, monkeypatch):
+    """--logger csv,tensorboard,wandb: metrics in each; the grids in the two that show images (wandb offline)."""
+    loggers = ["csv"]
+    for name in ("tensorboard", "wandb"):
+        try:
+            __import__(name)
+            loggers.append(name)
+        except ImportError:
+            pass
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logs = tmp_path / "logs"
+    entry.main(run_args(logs, tiny_ckpt, concept_dir, "--max_steps", "2", "--logger", ",".join(loggers),
+                        "lightning.callbacks.image_logger.params.batch_frequency=2", "--log_every_n_steps", "1"))
+    run = run_dir(logs)
+    (metrics,) = glob.glob(str(run / "csv" / "*" / "metrics.csv"))
+    assert "train/loss_simple" in open(metrics).readline()
+    if "tensorboard" in loggers:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        (events,) = glob.glob(str(run / "tensorboard" / "*" / "events.out.tfevents.*"))
+        tags = EventAccumulator(events, size_guidance={"images": 0}).Reload().Tags()
+        assert "train/samples_placeholder" in tags["images"] and "train/loss_simple" in tags["scalars"]
+    if "wandb" in loggers:
+        (offline,) = glob.glob(str(run / "wandb" / "offline-run-*"))
+        images = glob.glob(os.path.join(offline, "files", "media", "images", "train", "samples_placeholder_*.png"))
+        assert images, os.listdir(offline)

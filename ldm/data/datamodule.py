@@ -75,20 +75,20 @@ class ResumableSampler(Sampler):
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0  # of the pass under way, or of the next one when none has started
+        self.start = 0  # items skipped at the start of that pass (a resumed pass)
         self._started = False
-        self._skip = 0
 
     def resume(self, epoch, skip):
-        self.epoch, self._skip, self._started = epoch, skip, False
+        self.epoch, self.start, self._started = epoch, skip, False
 
     def __len__(self):
         return -(-self.length // self.num_replicas)
 
     def __iter__(self):
         if self._started:
-            self.epoch += 1
+            self.epoch, self.start = self.epoch + 1, 0
         self._started = True
-        epoch, start, self._skip = self.epoch, self._skip, 0
+        epoch, start = self.epoch, self.start
         order = torch.arange(self.length)
         if self.shuffle:
             order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))
@@ -103,22 +103,29 @@ class ResumableSampler(Sampler):
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position Lightning saves in checkpoints and restores before iterating again.
 
-    The position is the number of batches the training loop has consumed (`consumed_batches()`), not the number
-    this loader has produced: Lightning fetches one batch ahead.
+    The position is the number of batches the training loop has consumed, not the number this loader has
+    produced (Lightning fetches one batch ahead): the data module reports each batch as the loop takes it
+    (`batch_consumed`).
     """
 
-    def __init__(self, *args, consumed_batches=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.consumed_batches = consumed_batches
+        self._consumed = None  # (epoch, batches consumed in it), once the loop has taken a batch
+
+    def batch_consumed(self):
+        epoch = self.sampler.epoch  # the pass the batch came from: the next pass starts only when asked for
+        if self._consumed is None or self._consumed[0] != epoch:
+            self._consumed = (epoch, self.sampler.start // self.batch_size)
+        self._consumed = (epoch, self._consumed[1] + 1)
 
     def state_dict(self):
-        consumed = self.consumed_batches() if self.consumed_batches is not None else 0
-        epoch = self.sampler.epoch
+        epoch, consumed = self._consumed or (self.sampler.epoch, self.sampler.start // self.batch_size)
         if consumed >= len(self):
             epoch, consumed = epoch + 1, 0
         return {"epoch": epoch, "consumed_batches": consumed}
 
     def load_state_dict(self, state):
+        self._consumed = None
         self.sampler.resume(state["epoch"], state["consumed_batches"] * self.batch_size)
 
 
@@ -135,6 +142,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.dataset_configs = {k: v for k, v in dict(train=train, validation=validation, test=test,
                                                       predict=predict).items() if v is not None}
         self.datasets = {}
+        self._train_loader = None
         # Lightning decides which loops to run from which of these methods exist
         if train is not None:
             self.train_dataloader = self._train_dataloader
@@ -161,9 +169,6 @@ class DataModuleFromConfig(pl.LightningDataModule):
             return self.trainer.world_size, self.trainer.global_rank
         return 1, 0
 
-    def _consumed_train_batches(self):
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
     def _loader(self, split, shuffle, cls=DataLoader, **kwargs):
         dataset = self.datasets[split]
         init_fn = worker_init_fn if self.use_worker_init_fn or isinstance(dataset, IterableDataset) else None
@@ -179,8 +184,14 @@ class DataModuleFromConfig(pl.LightningDataModule):
                    **common, **kwargs)
 
     def _train_dataloader(self):
-        return self._loader("train", True, cls=ResumableDataLoader,
-                            consumed_batches=self._consumed_train_batches if self.trainer is not None else None)
+        self._train_loader = self._loader("train", True, cls=ResumableDataLoader)
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        # called once per batch the training loop takes (not for the batch Lightning fetches ahead)
+        if self.trainer is not None and self.trainer.training and isinstance(self._train_loader, ResumableDataLoader):
+            self._train_loader.batch_consumed()
+        return batch
 
     def _eval_dataloader(self, split, shuffle):
         return self._loader(split, shuffle)

@@ -133,6 +133,9 @@ per_img_token_list = [
 ]
 
 
+MIN_USEFUL_SIDE = 8  # px; smaller training images are almost certainly a mistake
+
+
 def list_images(data_root):
     """Sorted paths of the readable images in `data_root`.
 
@@ -141,20 +144,29 @@ def list_images(data_root):
     """
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"Training image folder {data_root!r} does not exist (check --data_root)")
-    images, skipped = [], []
+    images, skipped, tiny = [], [], []
     for name in sorted(os.listdir(data_root)):
         if name.startswith("."):
             continue
         path = os.path.join(data_root, name)
         try:
-            with Image.open(path):
-                images.append(path)
+            with Image.open(path) as image:
+                size = image.size
+            images.append(path)
         except OSError:  # not an image (UnidentifiedImageError), a folder, unreadable
             skipped.append(name)
+            continue
+        if min(size) < MIN_USEFUL_SIDE:
+            tiny.append(f"{name} ({size[0]}x{size[1]} px)")
+    if tiny:
+        warnings.warn(f"Tiny images in {data_root!r}: {', '.join(tiny)}; they are upscaled to the training size "
+                      "and carry almost nothing of the concept.")
     if skipped:
         warnings.warn(f"Skipping {len(skipped)} non-image entries in {data_root!r}: {', '.join(skipped)}")
     if not images:
-        raise ValueError(f"No images found in training image folder {data_root!r}")
+        raise ValueError(f"No readable images in training image folder {data_root!r}"
+                         + (f" ({len(skipped)} files are not images or are damaged)" if skipped else "")
+                         + ": put 3-5 images of the concept there")
     return images
 
 

@@ -132,6 +132,9 @@ def _as_matrix(tensor, path, key):
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{path}: embedding {key!r} should be a [d] or [n, d] tensor, got {shape}")
     tensor = tensor.detach().to(torch.float32)
+    if not torch.isfinite(tensor).all():  # it would sample black images without a word
+        raise ValueError(f"{path}: embedding {key!r} holds NaN or infinite values (training diverged?); use an "
+                         "earlier embeddings_gs-*.pt of the run")
     return tensor.unsqueeze(0) if tensor.ndim == 1 else tensor
 
 

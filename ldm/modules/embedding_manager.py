@@ -36,7 +36,7 @@ class EmbeddingManager(nn.Module):
     """
 
     def __init__(self, embedder, placeholder_strings=None, initializer_words=None, per_image_tokens=False,
-                 num_vectors_per_token=1, progressive_words=False, **kwargs):
+                 num_vectors_per_token=1, progressive_words=False):
         super().__init__()
         # A bound method, not a submodule: the embedder's weights belong to the text encoder, not to us.
         self._token_ids_of = embedder.string_to_token_ids
