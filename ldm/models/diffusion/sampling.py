@@ -243,38 +243,37 @@ def dpmpp_sde(denoise, x, sigmas, noise, callback=None):
     return x
 
 
-def _unipc_b(h):
-    """UniPC's B(h) = expm1(-h) ("bh2") and the right-hand side b_1, b_2 of its order-2 system, from
-    h phi_k(-h) with phi_1 = B(h), phi_{k+1} = phi_k / (-h) - 1 / k!."""
-    b_h = math.expm1(-h)
-    h_phi_2 = b_h / -h - 1
+def _unipc_rhs(h, b_h):
+    """b_1, b_2 of UniC-2's linear system for B(h) = b_h: b_k = k! h phi_{k+1}(h) / B(h), where
+    h phi_1 = expm1(-h) and h phi_{k+1} = h phi_k / (-h) - 1 / k! (all with the sign of data prediction)."""
+    h_phi_2 = math.expm1(-h) / -h - 1
     h_phi_3 = h_phi_2 / -h - 0.5
-    return b_h, h_phi_2 / b_h, 2 * h_phi_3 / b_h
+    return h_phi_2 / b_h, 2 * h_phi_3 / b_h
 
 
-def _unipc_update(x, sigma, sigma_next, history, denoised_next=None):
-    """UniPC (Zhao et al. 2023) in data prediction with B(h) = expm1(-h), order len(history) <= 2.
+def _unipc_update(x, history, sigma_next, denoised_next=None):
+    """One UniPC step (Zhao et al. 2023) in data prediction with B(h) = expm1(-h) ("bh2").
 
-    history: [(sigma, x0 estimate), ...] newest last, the newest at `sigma`. Without `denoised_next` this is
-    the predictor UniP from sigma to sigma_next; with it (the estimate at sigma_next), the corrector UniC.
+    history: [(sigma, x0 estimate), ...] newest last, x at the newest sigma; its length (1 or 2) is the order.
+    Without `denoised_next` this is the predictor UniP to sigma_next; given the x0 estimate at sigma_next
+    (made from the predicted sample), the corrector UniC, which redoes the same step.
     """
     s0, m0 = history[-1]
     if sigma_next == 0:
         return m0
     h = math.log(s0 / sigma_next)
-    b_h, b1, b2 = _unipc_b(h)
-    x_next = sigma_next / s0 * x - b_h * m0
-    if len(history) == 2:
-        s1, m1 = history[-2]
-        r1 = math.log(s0 / s1) / h  # negative: the previous point lies before s0
-        d1 = (m1 - m0) / r1
-    if denoised_next is None:
-        return x_next if len(history) == 1 else x_next - b_h * 0.5 * d1
-    d_next = denoised_next - m0
+    b_h = math.expm1(-h)
+    x_next = sigma_next / s0 * x - b_h * m0  # DPM-Solver++(1)
     if len(history) == 1:
-        return x_next - b_h * 0.5 * d_next
+        return x_next if denoised_next is None else x_next - b_h * 0.5 * (denoised_next - m0)
+    s1, m1 = history[-2]
+    r1 = math.log(s0 / s1) / h  # negative: the previous point lies before s0
+    d1 = (m1 - m0) / r1
+    if denoised_next is None:
+        return x_next - b_h * 0.5 * d1
+    b1, b2 = _unipc_rhs(h, b_h)
     rho_0 = (b1 - b2) / (1 - r1)  # solves [[1, 1], [r1, 1]] @ rho = [b1, b2]
-    return x_next - b_h * (rho_0 * d1 + (b1 - rho_0) * d_next)
+    return x_next - b_h * (rho_0 * d1 + (b1 - rho_0) * (denoised_next - m0))
 
 
 def unipc(denoise, x, sigmas, callback=None):
@@ -286,9 +285,9 @@ def unipc(denoise, x, sigmas, callback=None):
     for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
         denoised = denoise(x, s)
         if previous is not None:
-            x = _unipc_update(previous, sigmas[i - 1], s, history, denoised)
+            x = _unipc_update(previous, history, s, denoised)
         history = (history + [(s, denoised)])[-min(2, n - i):]
         previous = x
-        x = _unipc_update(x, s, s_next, history)
+        x = _unipc_update(x, history, s_next)
         _report(callback, i, x, denoised)
     return x
