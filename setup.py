@@ -23,5 +23,6 @@ setup(
         "numpy",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest>=7", "diffusers>=0.30"]},
+    # torchsde: only so that diffusers' DPMSolverSDEScheduler imports, for the sampler comparison test
+    extras_require={"test": ["pytest>=7", "diffusers>=0.30", "torchsde>=0.2.5"]},
 )
