@@ -197,7 +197,7 @@ def test_stochastic_samplers_draw_the_data_distribution(name, steps):
     shape = (4096,)
     generator = torch.Generator().manual_seed(0)
     x = sampling.gaussian(shape, generator, "cpu").double() * sigmas[0].item()
-    noise = (sampling.BrownianNoise(shape, generator) if spec.function is sampling.dpmpp_sde
+    noise = (sampling.BrownianNoise(shape, generator) if spec.noise == "brownian"
              else lambda s, s_next: sampling.gaussian(shape, generator, "cpu"))
     out = spec.function(gaussian_denoiser, x, sigmas, noise)
     assert abs(out.mean().item() - DATA_MEAN) < 0.05 and abs(out.std().item() - DATA_STD) < 0.03

@@ -17,21 +17,25 @@ class KSpec:
     function: Callable
     schedule: str
     quantize: bool = False  # the model sees the nearest trained timestep
-    stochastic: bool = False  # takes fresh noise every step
+    noise: str = None  # fresh noise every step: "gaussian" (independent draws) or "brownian" (one Brownian path)
     # x_T is the DDPM sample at the first noise level (x = x_T * sqrt(sigma^2 + 1), as DDIM and diffusers'
     # multistep solvers start) rather than x_T * sigma (k-diffusion, diffusers' Euler/Heun/SDE)
     ddpm_start: bool = False
+
+    @property
+    def stochastic(self):
+        return self.noise is not None
 
 
 # Each as the diffusers scheduler it is tested against (see sampling.py), with that scheduler's default steps.
 K_SAMPLERS = {
     "euler": KSpec(sampling.euler, "linspace"),
-    "euler_a": KSpec(sampling.euler_ancestral, "linspace", stochastic=True),
+    "euler_a": KSpec(sampling.euler_ancestral, "linspace", noise="gaussian"),
     "heun": KSpec(sampling.heun, "linspace"),
     "dpmpp_2m": KSpec(sampling.dpmpp_2m, "discrete", quantize=True, ddpm_start=True),
     "dpmpp_2m_karras": KSpec(sampling.dpmpp_2m, "karras", quantize=True, ddpm_start=True),
-    "dpmpp_sde": KSpec(sampling.dpmpp_sde, "linspace", stochastic=True),
-    "dpmpp_sde_karras": KSpec(sampling.dpmpp_sde, "karras", stochastic=True),
+    "dpmpp_sde": KSpec(sampling.dpmpp_sde, "linspace", noise="brownian"),
+    "dpmpp_sde_karras": KSpec(sampling.dpmpp_sde, "karras", noise="brownian"),
     "unipc": KSpec(sampling.unipc, "discrete", quantize=True, ddpm_start=True),
 }
 SAMPLERS = ("ddim", "plms", *K_SAMPLERS)
@@ -49,7 +53,8 @@ class KSampler:
     def sample(self, S, batch_size, shape, conditioning=None, callback=None, img_callback=None, verbose=True,
                x_T=None, log_every_t=100, unconditional_guidance_scale=1., unconditional_conditioning=None,
                generator=None):
-        """Draw `batch_size` latents of `shape` in `S` steps; returns (samples, intermediates) as DDIMSampler.
+        """Draw `batch_size` latents of `shape` in `S` steps; returns (samples, intermediates) as DDIMSampler
+        (intermediates: the start, then x in sigma space and the x0 estimates every `log_every_t` steps).
 
         x_T is standard normal noise (as for DDIM): it is scaled to the first noise level here.
         """
@@ -75,10 +80,10 @@ class KSampler:
                 intermediates["pred_x0"].append(denoised)
 
         args = [denoiser, x, sigmas]
-        if self.spec.stochastic:
-            noise = (sampling.BrownianNoise(size, generator, device) if self.spec.function is sampling.dpmpp_sde
-                     else lambda sigma, sigma_next: sampling.gaussian(size, generator, device))
-            args.append(noise)
+        if self.spec.noise == "brownian":
+            args.append(sampling.BrownianNoise(size, generator, device))
+        elif self.spec.noise == "gaussian":
+            args.append(lambda sigma, sigma_next: sampling.gaussian(size, generator, device))
         if verbose:
             print(f"Sampling {size} with {self.name}: {S} steps, sigmas {sigmas[0].item():.3g} -> 0")
         samples = self.spec.function(*args, callback=report)
