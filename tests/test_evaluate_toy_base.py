@@ -15,7 +15,7 @@ def test_half_subset_with_a_k_sampler(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "base.json"
-    mean = script.main(["--sampler", "dpmpp_2m_karras", "--ddim_steps", "3", "--n_samples", "2", "--half",
+    mean = script.main(["--sampler", "dpmpp_2m_karras", "--ddim_steps", "2", "--n_samples", "1", "--half",
                         "--json", str(out)])
     report = json.loads(out.read_text())
     prompts = [row["prompt"] for row in report["prompts"]]
