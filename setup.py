@@ -24,7 +24,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=7", "diffusers>=0.30"],
+        # torchsde: only so that diffusers' DPMSolverSDEScheduler imports, for the sampler comparison test
+        "test": ["pytest>=7", "diffusers>=0.30", "torchsde>=0.2.5"],
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.16"],
     },

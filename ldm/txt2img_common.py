@@ -16,8 +16,7 @@ from tqdm import tqdm, trange
 
 from ldm.checkpoint import load_model_from_config
 from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.plms import PLMSSampler
+from ldm.models.diffusion.generate import SAMPLERS, generate
 from ldm.util import make_grid, to_pil
 
 
@@ -38,7 +37,9 @@ def build_parser(description, **defaults):
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples (speed measurements)")
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
-    p.add_argument("--plms", action="store_true", help="use PLMS sampling")
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling (the same as --sampler plms)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="the sampling method (see docs/samplers.md); --ddim_steps sets its number of steps")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting code for every batch")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="ddim eta (0.0 is deterministic sampling)")
     p.add_argument("--n_iter", type=int, default=2, help="sample this often")
@@ -84,8 +85,13 @@ def check_inputs(opt):
     if (device_type == "cuda" and not torch.cuda.is_available()) or (
             device_type == "mps" and not torch.backends.mps.is_available()):
         raise SystemExit(f"--device {opt.device} is not available on this machine; try --device cpu.")
-    if opt.plms and opt.ddim_eta != 0:
-        raise SystemExit("PLMS sampling is deterministic: drop --ddim_eta or sample with DDIM.")
+    if opt.plms and opt.sampler not in ("ddim", "plms"):
+        raise SystemExit(f"--plms and --sampler {opt.sampler} disagree: pass one of them.")
+    if opt.plms:
+        opt.sampler = "plms"
+    if opt.ddim_eta != 0 and opt.sampler != "ddim":
+        raise SystemExit(f"--ddim_eta applies to DDIM only: drop it or sample with --sampler ddim "
+                         f"(not {opt.sampler}).")
 
 
 def load_model(opt):
@@ -114,12 +120,10 @@ def next_index(folder, pattern):
     return max(numbers, default=-1) + 1
 
 
-def grid_name(opt):
-    if opt.from_file:
-        return "grid"
-    # Only characters every file system accepts ("*" is not one of them on Windows).
-    name = re.sub(r"[^A-Za-z0-9_]+", "-", opt.prompt).strip("-")[:100]
-    return name or "grid"
+def prompt_to_filename(prompt, default):
+    """A file or folder name for a prompt: only characters every file system accepts ("*" is not one of
+    them on Windows), at most 100; `default` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9_]+", "-", prompt).strip("-")[:100] or default
 
 
 def precision_scope(opt):
@@ -135,7 +139,6 @@ def main(parser, argv=None):
     check_inputs(opt)
     seed_everything(opt.seed, verbose=False)
     model = load_model(opt)
-    sampler = (PLMSSampler if opt.plms else DDIMSampler)(model)
     # A CPU generator: the same seed gives the same images on CPU, CUDA and MPS.
     generator = torch.Generator().manual_seed(opt.seed)
 
@@ -153,13 +156,8 @@ def main(parser, argv=None):
     with torch.no_grad(), precision_scope(opt), model.ema_scope():
         for _ in trange(opt.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data"):
-                uc = model.get_learned_conditioning(len(prompts) * [""]) if opt.scale != 1.0 else None
-                c = model.get_learned_conditioning(prompts)
-                samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts), shape=shape,
-                                            verbose=False, unconditional_guidance_scale=opt.scale,
-                                            unconditional_conditioning=uc, eta=opt.ddim_eta, generator=generator,
-                                            x_T=None if start_code is None else start_code[:len(prompts)])
-                images = model.decode_first_stage(samples).float().clamp(-1., 1.).cpu()
+                images = generate(model, prompts, opt.sampler, opt.ddim_steps, opt.scale, opt.ddim_eta, generator,
+                                  shape, x_T=None if start_code is None else start_code[:len(prompts)]).cpu()
                 if not opt.skip_save:
                     for image in images:
                         path = os.path.join(sample_path, f"{base_count:05}.png")
@@ -171,7 +169,7 @@ def main(parser, argv=None):
 
     if not opt.skip_grid:
         grid = make_grid(torch.cat(all_samples), nrow=opt.n_rows or opt.n_samples, pad_value=-1.)
-        name = grid_name(opt)
+        name = "grid" if opt.from_file else prompt_to_filename(opt.prompt, "grid")
         index = next_index(opt.outdir, re.escape(name) + r"-(\d{4})\.png")
         path = os.path.join(opt.outdir, f"{name}-{index:04}.png")
         to_pil(grid).save(path)

@@ -16,7 +16,6 @@ Example (the toy demo):
 import argparse
 import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -82,6 +81,7 @@ def generate(opt):
 
     from ldm.checkpoint import load_model_from_config
     from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
+    from ldm.txt2img_common import prompt_to_filename
     from ldm.util import to_pil
 
     model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device=opt.device, verbose=False)
@@ -92,8 +92,7 @@ def generate(opt):
             raise SystemExit(str(err)) from err
     images = sample_images(model, opt.prompt, opt.n_samples, ddim_steps=opt.ddim_steps, scale=opt.scale,
                            eta=opt.ddim_eta, batch_size=opt.batch_size, seed=opt.seed)
-    prompt_folder = re.sub(r"[^\w.-]+", "-", opt.prompt).strip("-")[:100] or "prompt"
-    folder = os.path.join(opt.outdir, prompt_folder, "samples")
+    folder = os.path.join(opt.outdir, prompt_to_filename(opt.prompt, "prompt"), "samples")
     os.makedirs(folder, exist_ok=True)
     for k, image in enumerate(images):
         to_pil(image).save(os.path.join(folder, f"{k:05}.png"))

@@ -176,7 +176,7 @@ def test_schedule_follows_the_model_device_and_stays_float32():
     model = GaussianDenoiser()
     sampler = DDIMSampler(model)
     sampler.make_schedule(5, verbose=False)
-    for name in ("betas", "alphas_cumprod", "ddim_alphas", "ddim_alphas_prev", "ddim_sigmas",
+    for name in ("alphas_cumprod", "ddim_alphas", "ddim_alphas_prev", "ddim_sigmas",
                  "ddim_sqrt_one_minus_alphas", "ddim_sigmas_for_original_num_steps"):
         tensor = getattr(sampler, name)
         assert tensor.device == model.betas.device and tensor.dtype == torch.float32, name
@@ -227,3 +227,9 @@ def test_tiny_ldm_samples_under_bfloat16_autocast(tiny_ldm):
 def test_step_counts_that_do_not_divide_the_schedule(steps):
     samples, _, model = draw(PLMSSampler, steps=steps)
     assert len(model.batch_sizes) == steps + 1 and torch.isfinite(samples).all()
+
+
+def test_a_misspelt_keyword_is_an_error_not_dropped_guidance():
+    """The original's sample() took **kwargs, so `unconditional_guidance_scal=7.5` sampled without guidance."""
+    with pytest.raises(TypeError, match="unconditional_guidance_scal"):
+        draw(DDIMSampler, steps=2, unconditional_conditioning=torch.zeros(BATCH), unconditional_guidance_scal=3.)

@@ -136,3 +136,40 @@ def test_stable_defaults_are_the_originals():
     assert opt.config == "configs/stable-diffusion/v1-inference.yaml"
     assert opt.ckpt == "models/ldm/stable-diffusion-v1/model.ckpt"
     assert opt.precision == "autocast" and opt.device in ("cuda", "mps", "cpu")
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_karras"])
+def test_sampler_flag_is_seeded_and_used(tmp_path, tiny_args, sampler):
+    args = tiny_args + ["--skip_grid", "--prompt", "a red circle"]
+    ddim = stable_txt2img.main(args)
+    first = stable_txt2img.main(args + ["--sampler", sampler])
+    second = stable_txt2img.main(args + ["--sampler", sampler])
+    other_seed = txt2img.main(args + ["--sampler", sampler, "--seed", "1"])
+    assert np.array_equal(pixels(first[0]), pixels(second[0]))
+    assert not np.array_equal(pixels(first[0]), pixels(ddim[0]))
+    assert not np.array_equal(pixels(first[0]), pixels(other_seed[0]))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--plms", "--sampler", "euler"], "--plms and --sampler euler disagree"),
+    (["--sampler", "unipc", "--ddim_eta", "0.5"], "--ddim_eta applies to DDIM only"),
+    (["--plms", "--ddim_eta", "0.5"], "--ddim_eta applies to DDIM only"),
+])
+def test_sampler_flag_conflicts_are_named(tiny_args, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        stable_txt2img.main(tiny_args + flags)
+
+
+def test_unknown_sampler_is_refused_by_the_parser(capsys):
+    from ldm.txt2img_common import build_parser
+    with pytest.raises(SystemExit):
+        build_parser("test").parse_args(["--sampler", "dpm++"])
+    assert "invalid choice: 'dpm++'" in capsys.readouterr().err
+
+
+def test_one_prompt_to_filename_rule():
+    from ldm.txt2img_common import prompt_to_filename
+    assert prompt_to_filename("a photo of *", "grid") == "a-photo-of"
+    assert prompt_to_filename("ein Foto von * (v2.0) — groß", "x") == "ein-Foto-von-v2-0-gro"
+    assert prompt_to_filename("***", "prompt") == "prompt"
+    assert len(prompt_to_filename("a" * 300, "x")) == 100

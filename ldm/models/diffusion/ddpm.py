@@ -591,45 +591,35 @@ class LatentDiffusion(DDPM):
         return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
     # ---------------------------------------------------------------- sampling
-    @torch.no_grad()
-    def sample_log(self, cond, batch_size, ddim=True, ddim_steps=50, **kwargs):
-        from ldm.models.diffusion.ddim import DDIMSampler
-        shape = (self.channels, self.image_size, self.image_size)
-        if ddim:
-            return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
-        return self.p_sample_loop((batch_size, *shape), cond=cond, return_intermediates=True, verbose=False)
-
     def placeholder_prompt(self):
         strings = list(getattr(self.embedding_manager, "string_to_param_dict", {}).keys())
         return f"a photo of {strings[0]}" if strings else None
 
     @torch.no_grad()
     def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=50, ddim_eta=1., return_keys=None,
-                   unconditional_guidance_scale=5.0, **kwargs):
+                   unconditional_guidance_scale=5.0, sampler="ddim", **kwargs):
         """Inputs, reconstructions, the captions as images, and samples: the batch's captions with and without
-        guidance, and the bare placeholder prompt ("a photo of *") with guidance."""
-        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
+        guidance, and the bare placeholder prompt ("a photo of *") with guidance. `sampler` names any sampler
+        of `ldm.models.diffusion.generate.SAMPLERS` (`ddim_steps` steps; `ddim_eta` applies to DDIM only)."""
+        from ldm.models.diffusion.generate import generate
+        _, _, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
                                            force_c_encode=True, return_original_cond=True, bs=N)
         N = x.shape[0]
         log = {"inputs": x, "reconstruction": xrec}
-        if self.model.conditioning_key is not None and self.cond_stage_key in ("caption",):
+        conditional = self.model.conditioning_key is not None
+        if conditional and self.cond_stage_key in ("caption",):
             log["conditioning"] = log_txt_as_img((x.shape[-1], x.shape[-2]), list(batch["caption"])[:N],
                                                  size=max(6, x.shape[-1] // 20)).to(x)
         if sample:
+            prompts = xc[:N] if xc is not None else N * [""]
+            draw = lambda prompts, scale=1.: generate(self, prompts, sampler, ddim_steps, scale, ddim_eta)
             with self.ema_scope("Plotting"):
-                samples, _ = self.sample_log(cond=c, batch_size=N, ddim_steps=ddim_steps, eta=ddim_eta)
-                log["samples"] = self.decode_first_stage(samples)
-                if unconditional_guidance_scale != 1. and self.model.conditioning_key is not None:
-                    uc = self.get_learned_conditioning(N * [""])
-                    guided = dict(unconditional_guidance_scale=unconditional_guidance_scale,
-                                  unconditional_conditioning=uc, eta=ddim_eta)
-                    samples, _ = self.sample_log(cond=c, batch_size=N, ddim_steps=ddim_steps, **guided)
-                    log["samples_scaled"] = self.decode_first_stage(samples)
+                log["samples"] = draw(prompts)
+                if unconditional_guidance_scale != 1. and conditional:
+                    log["samples_scaled"] = draw(prompts, unconditional_guidance_scale)
                     prompt = self.placeholder_prompt()
                     if prompt is not None:
-                        pc = self.get_learned_conditioning(N * [prompt])
-                        samples, _ = self.sample_log(cond=pc, batch_size=N, ddim_steps=ddim_steps, **guided)
-                        log["samples_placeholder"] = self.decode_first_stage(samples)
+                        log["samples_placeholder"] = draw(N * [prompt], unconditional_guidance_scale)
         return {k: log[k] for k in return_keys if k in log} if return_keys else log
 
 

@@ -46,10 +46,9 @@ class DDIMScheduleSampler:
 
     desc = "Sampler"
 
-    def __init__(self, model, schedule="linear", **kwargs):
+    def __init__(self, model):
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
-        self.schedule = schedule
         self.generator = None
 
     @property
@@ -64,20 +63,15 @@ class DDIMScheduleSampler:
     def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
         self.ddim_timesteps = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps,
                                                   verbose=verbose)
-        self.ddim_eta = ddim_eta
         # Derive in float64 on the CPU (MPS has no float64), then store float32 on the model's device.
         alphas_cumprod = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
         if alphas_cumprod.shape[0] != self.ddpm_num_timesteps:
             raise ValueError("alphas_cumprod must have one entry per DDPM timestep")
         alphas_cumprod_prev = self.model.alphas_cumprod_prev.detach().to("cpu", torch.float64)
-        self.register_buffer("betas", self.model.betas.detach().to("cpu", torch.float64))
         self.register_buffer("alphas_cumprod", alphas_cumprod)
         self.register_buffer("alphas_cumprod_prev", alphas_cumprod_prev)
         self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt())
         self.register_buffer("sqrt_one_minus_alphas_cumprod", (1. - alphas_cumprod).sqrt())
-        self.register_buffer("log_one_minus_alphas_cumprod", (1. - alphas_cumprod).log())
-        self.register_buffer("sqrt_recip_alphas_cumprod", (1. / alphas_cumprod).sqrt())
-        self.register_buffer("sqrt_recipm1_alphas_cumprod", (1. / alphas_cumprod - 1).sqrt())
 
         sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(
             alphacums=alphas_cumprod.numpy(), ddim_timesteps=self.ddim_timesteps, eta=ddim_eta, verbose=verbose)
@@ -137,14 +131,15 @@ class DDIMScheduleSampler:
         return x_prev.to(x.dtype), pred_x0.to(x.dtype)
 
     @torch.no_grad()
-    def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None,
-               img_callback=None, quantize_x0=False, eta=0., mask=None, x0=None, temperature=1., noise_dropout=0.,
-               score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None, log_every_t=100,
-               unconditional_guidance_scale=1., unconditional_conditioning=None, generator=None, **kwargs):
+    def sample(self, S, batch_size, shape, conditioning=None, callback=None, img_callback=None, quantize_x0=False,
+               eta=0., mask=None, x0=None, temperature=1., noise_dropout=0., score_corrector=None,
+               corrector_kwargs=None, verbose=True, x_T=None, log_every_t=100, unconditional_guidance_scale=1.,
+               unconditional_conditioning=None, generator=None):
         """Draw `batch_size` latents of `shape` (C, H, W) in `S` steps; returns (samples, intermediates).
 
-        The original's signature (unused arguments included, so old callers keep working); the sampler
-        subclass supplies the per-step update through `stepper`.
+        The original's signature less what it ignored (`normals_sequence`, `**kwargs`: a misspelt keyword is
+        an error, not silently dropped guidance); the sampler subclass supplies the per-step update through
+        `stepper`.
         """
         if conditioning is not None and conditioning_batch_size(conditioning) != batch_size:
             print(f"Warning: Got {conditioning_batch_size(conditioning)} conditionings but batch-size is {batch_size}")
