@@ -10,8 +10,8 @@ state dict by diffusers' own converters (`convert_ldm_unet_checkpoint`, `convert
 `convert_ldm_clip_checkpoint`).
 
 - ours: `LatentDiffusion.shared_step(batch)` (posterior cached per image, tokens cached), backward, AdamW on the
-  embedding manager's vectors: what our training_step and Lightning's optimizer step do. bf16 is autocast over
-  fp32 weights, as `main.py --precision bf16-mixed`.
+  embedding manager's vectors: what our training_step and Lightning's optimizer step do. bf16 is autocast with the
+  frozen UNet's convs and linears stored in bf16, as `main.py --precision bf16-mixed` does (on_fit_start).
 - diffusers: the step of diffusers' examples/textual_inversion/textual_inversion.py: tokenise the caption (its
   dataset does so per item), VAE encode, `latent_dist.sample() * scaling_factor`, noise, random t,
   `DDPMScheduler.add_noise`, CLIP text encoder, UNet, MSE, backward, AdamW on the whole token-embedding matrix,
@@ -160,6 +160,8 @@ def set_gradient_checkpointing(unet, on):
 
 def ours_step(model, config, precision, gradient_checkpointing, device):
     set_gradient_checkpointing(model.model.diffusion_model, gradient_checkpointing == "on")
+    if precision != "fp32":  # what LatentDiffusion.on_fit_start does under --precision bf16-mixed / 16-mixed
+        model.match_frozen_unet_to_precision({"bf16": "bf16-mixed", "fp16": "16-mixed"}[precision])
     optimizer = torch.optim.AdamW(model.embedding_manager.embedding_parameters(), lr=config.model.base_learning_rate)
 
     def step(batch, autocast):
