@@ -32,27 +32,32 @@ import benchmark_ti as bt  # noqa: E402
 LOOPS = ("ours", "diffusers")
 
 
-def ours_sampler(model, config, device, prompt, batch_size):
+def ours_sampler(model, config, device, prompt, batch_size, precision):
     from ldm.models.diffusion.ddim import DDIMSampler
     model.eval()
     sampler = DDIMSampler(model)
+    dtype = bt.DTYPES[precision]
+    if precision != "fp32":
+        model.model.diffusion_model.convert_torso(dtype)
     with torch.no_grad():
         c = model.get_learned_conditioning([prompt] * batch_size)
         uc = model.get_learned_conditioning([""] * batch_size)
 
     def sample(x_T, steps, guidance):
-        out, _ = sampler.sample(S=steps, batch_size=batch_size, shape=tuple(x_T.shape[1:]), conditioning=c,
-                                unconditional_guidance_scale=guidance, unconditional_conditioning=uc, eta=0.,
-                                x_T=x_T, verbose=False)
+        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+            out, _ = sampler.sample(S=steps, batch_size=batch_size, shape=tuple(x_T.shape[1:]), conditioning=c,
+                                    unconditional_guidance_scale=guidance, unconditional_conditioning=uc, eta=0.,
+                                    x_T=x_T, verbose=False)
         return out
 
     return sample
 
 
-def diffusers_sampler(model, config, device, prompt, batch_size):
+def diffusers_sampler(model, config, device, prompt, batch_size, precision):
     from diffusers import DDIMScheduler
     unet, _, text_encoder = bt.diffusers_modules(model, config)
-    unet, text_encoder = unet.to(device).eval(), text_encoder.to(device).eval()
+    dtype = bt.DTYPES[precision]  # a pipeline loaded with torch_dtype runs its modules in that dtype
+    unet, text_encoder = unet.to(device, dtype).eval(), text_encoder.to(device, dtype).eval()
     tokenizer = model.cond_stage_model.tokenizer
     p = config.model.params
     scheduler = DDIMScheduler(num_train_timesteps=p.timesteps, beta_start=p.linear_start, beta_end=p.linear_end,
@@ -70,7 +75,7 @@ def diffusers_sampler(model, config, device, prompt, batch_size):
     @torch.no_grad()
     def sample(x_T, steps, guidance):
         scheduler.set_timesteps(steps, device=device)
-        latents = x_T * scheduler.init_noise_sigma
+        latents = x_T.to(dtype) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
             noise_pred = unet(model_input, t, encoder_hidden_states=prompt_embeds).sample
@@ -89,7 +94,7 @@ def measure_loop(args, loop):
     config = bt.load_config(args)
     model = bt.build_model(config, device, args.seed)
     make = ours_sampler if loop == "ours" else diffusers_sampler
-    sample = make(model, config, device, args.prompt, args.batch_size)
+    sample = make(model, config, device, args.prompt, args.batch_size, args.precision)
     if loop == "diffusers":
         model.model = model.first_stage_model = None
     p = config.model.params
@@ -119,7 +124,7 @@ def run(args):
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", loop, "--child_out", out,
                        "--config", args.config, "--device", args.device, "--size", str(args.size),
                        "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--seed", str(args.seed),
-                       "--guidance", str(args.guidance), "--prompt", args.prompt]
+                       "--guidance", str(args.guidance), "--prompt", args.prompt, "--precision", args.precision]
                 cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--smoke"] if args.smoke else [])
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -137,13 +142,13 @@ def run(args):
     return {"config": os.path.relpath(args.config, bt.ROOT), "device": args.device,
             "device_name": bt.device_name(torch.device(args.device)), "torch": torch.__version__,
             "threads": args.threads or torch.get_num_threads(), "size": args.size, "batch_size": args.batch_size,
-            "steps": args.steps, "guidance": args.guidance, "repeats": args.repeats, "loops": summary,
+            "steps": args.steps, "guidance": args.guidance, "precision": args.precision, "repeats": args.repeats, "loops": summary,
             "ratios": ratios, "max_abs_diff_final_latents": (finals["ours"] - finals["diffusers"]).abs().max().item(),
             "runs": runs}
 
 
 def format_report(report):
-    lines = [f"DDIM {report['steps']} steps, guidance {report['guidance']}, {report['config']} at {report['size']}px, "
+    lines = [f"DDIM {report['steps']} steps, guidance {report['guidance']}, {report['precision']}, {report['config']} at {report['size']}px, "
              f"batch {report['batch_size']}, {report['device']} ({report['device_name']}), {report['threads']} "
              f"threads, torch {report['torch']}, {report['repeats']} alternated repeat(s)"]
     for loop, r in report["loops"].items():
@@ -164,6 +169,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="DDIM steps timed")
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="ours: autocast with the UNet torso stored in it; diffusers: its modules cast to it")
     p.add_argument("--prompt", default="a photo of a cat on the beach",
                    help="no placeholder, so that both loops condition on the same words")
     p.add_argument("--repeats", type=int, default=1)
