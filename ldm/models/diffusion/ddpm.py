@@ -528,6 +528,20 @@ class LatentDiffusion(DDPM):
         return x_recon[0] if isinstance(x_recon, tuple) and not return_ids else x_recon
 
     # --------------------------------------------------------------- lightning
+    def on_fit_start(self):
+        self.match_frozen_unet_to_precision(self.trainer.precision)
+
+    def match_frozen_unet_to_precision(self, precision):
+        """Under mixed precision ("bf16-mixed", "16-mixed"), store a frozen UNet's weights in the autocast dtype.
+
+        Otherwise autocast casts every fp32 weight on every call (it caches casts only of weights that require
+        grad). Checkpoints of a frozen UNet do not hold its weights, so nothing saved changes.
+        """
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+        unet = self.model.diffusion_model
+        if dtype is not None and self.prunes_checkpoints and hasattr(unet, "convert_torso"):
+            unet.convert_torso(dtype)
+
     def on_train_batch_start(self, batch, batch_idx):
         if self.embedding_manager is not None:
             # progressive words count optimizer steps (the original counted forward calls)

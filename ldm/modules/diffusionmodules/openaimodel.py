@@ -22,15 +22,9 @@ from ldm.modules.diffusionmodules.util import (
 )
 
 
-def convert_module_to_f16(module):
-    """Halve the weights that carry the compute (convs, linears); norms stay float32 for stability."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        module.half()
-
-
-def convert_module_to_f32(module):
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        module.float()
+def compute_layers(module):
+    """The layers that carry the compute (convs, linears); norms stay float32 for stability."""
+    return [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
 
 
 class TimestepBlock(nn.Module):
@@ -359,15 +353,22 @@ class UNetModel(nn.Module):
     def _torso(self):
         return self.input_blocks, self.middle_block, self.output_blocks
 
-    def convert_to_fp16(self):
+    def convert_torso(self, dtype):
+        """Store the torso's convs and linears in `dtype` and run the torso in it (norms stay float32).
+
+        For a frozen UNet under bf16/fp16 autocast this removes the cast of every weight on every call (autocast
+        caches casts only for weights that require grad) and halves the weights' memory.
+        """
         for part in self._torso():
-            part.apply(convert_module_to_f16)
-        self.dtype = torch.float16
+            for layer in compute_layers(part):
+                layer.to(dtype)
+        self.dtype = dtype
+
+    def convert_to_fp16(self):
+        self.convert_torso(torch.float16)
 
     def convert_to_fp32(self):
-        for part in self._torso():
-            part.apply(convert_module_to_f32)
-        self.dtype = torch.float32
+        self.convert_torso(torch.float32)
 
     def forward(self, x, timesteps=None, context=None, y=None):
         """
