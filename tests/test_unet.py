@@ -232,8 +232,8 @@ def test_fp16_torso_runs_and_returns_input_dtype():
 def test_bad_configurations_and_context_lists_are_rejected():
     with pytest.raises(ValueError, match="context_dim"):
         tiny_unet(context_dim=None)
-    with pytest.raises(ValueError, match="one integer"):
-        tiny_unet(context_dim=[16, 16])
+    with pytest.raises(ValueError, match="different widths"):
+        tiny_unet(context_dim=[16, 8])
     x, t, context = tiny_inputs()
     with pytest.raises(TypeError, match="one tensor"):
         tiny_unet()(x, t, context=[context])
