@@ -88,9 +88,20 @@ def test_tiny_sd2_unet_matches_diffusers_own_unet():
     twin = diffusers_twin(unet, TINY_SD2)
     assert twin.config.use_linear_projection
     x, t, context = tiny_inputs()
-    with torch.no_grad():
-        ours, theirs = unet(x, t, context=context), twin(x, t, encoder_hidden_states=context).sample
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert_same_outputs_and_context_grads(lambda c: unet(x, t, context=c),
+                                          lambda c: twin(x, t, encoder_hidden_states=c).sample, context)
+
+
+def assert_same_outputs_and_context_grads(ours, theirs, context):
+    """Forward, and the gradient with respect to the text that textual inversion follows."""
+    results = []
+    for fn in (ours, theirs):
+        c = context.clone().requires_grad_(True)
+        out = fn(c)
+        out.square().mean().backward()
+        results.append((out.detach(), c.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
 
 
 def test_tiny_sdxl_unet_matches_diffusers_own_unet_with_text_time_embedding():
@@ -107,13 +118,13 @@ def test_tiny_sdxl_unet_matches_diffusers_own_unet_with_text_time_embedding():
     time_ids = torch.tensor([[64., 64., 0., 0., 64., 64.], [48., 32., 8., 4., 64., 64.]])
     # our y as SDXL's conditioner builds it: pooled text, then each size/crop number's sinusoid
     y = torch.cat([pooled, ConcatTimestepEmbedderND(TIME_DIM)(time_ids)], dim=1)
-    with torch.no_grad():
-        ours = unet(x, t, context=context, y=y)
-        theirs = twin(x, t, encoder_hidden_states=context,
-                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        other_sizes = unet(x, t, context=context, y=y.flip(0))
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(ours, other_sizes, atol=1e-3)
+    assert_same_outputs_and_context_grads(
+        lambda c: unet(x, t, context=c, y=y),
+        lambda c: twin(x, t, encoder_hidden_states=c,
+                       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample, context)
+    with torch.no_grad():  # y really conditions the output
+        assert not torch.allclose(unet(x, t, context=context, y=y), unet(x, t, context=context, y=y.flip(0)),
+                                  atol=1e-3)
 
 
 def test_disable_self_attentions_attend_to_the_context():
