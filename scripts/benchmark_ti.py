@@ -1,30 +1,40 @@
-"""Seconds per textual-inversion optimizer step: ours, ours without the latent cache, and a diffusers-style loop.
+"""Seconds per textual-inversion step and peak memory: ours against diffusers' own textual-inversion loop.
 
-    python scripts/benchmark_ti.py                                   # SD-v1 architecture, random weights
-    python scripts/benchmark_ti.py --precision bf16 --json out.json
-    python scripts/benchmark_ti.py --config configs/tiny/finetune-tiny.yaml --size 32 --steps 2   # smoke test
+    python scripts/benchmark_ti.py                                    # SD-v1 architecture, random weights
+    python scripts/benchmark_ti.py --repeats 2 --json out.json
+    python scripts/benchmark_ti.py --smoke --json out.json            # tiny config, seconds (the test's mode)
 
-All three variants run on ONE model built from --config (same architecture, same weights) in one process:
+Both loops run the SAME weights: ours are built from --config with a fixed seed, and the peer's modules are
+diffusers' own `UNet2DConditionModel` and `AutoencoderKL` and transformers' `CLIPTextModel`, filled from our
+state dict by diffusers' own converters (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
+`convert_ldm_clip_checkpoint`).
 
-- ours: `model.shared_step(batch)`, backward, AdamW on the embedding manager's vectors. The first stage is not
-  run per step: each image's posterior is cached by its `cache_key` and a fresh latent is drawn from it.
-- ours_no_cache: the same with `cache_first_stage_latents` off, i.e. the VAE encoder every step, as the original.
-- diffusers_style: the loop of diffusers' examples/textual_inversion/textual_inversion.py written with our
-  modules: VAE encode, noise, random t, CLIP text encoder on freshly tokenised captions, UNet, MSE, backward,
-  AdamW on the whole token-embedding matrix, then every row but the placeholder's restored.
+- ours: `LatentDiffusion.shared_step(batch)` (posterior cached per image, tokens cached), backward, AdamW on the
+  embedding manager's vectors: what our training_step and Lightning's optimizer step do. bf16 is autocast with the
+  frozen UNet's convs and linears stored in bf16, as `main.py --precision bf16-mixed` does (on_fit_start).
+- diffusers: the step of diffusers' examples/textual_inversion/textual_inversion.py: tokenise the caption (its
+  dataset does so per item), VAE encode, `latent_dist.sample() * scaling_factor`, noise, random t,
+  `DDPMScheduler.add_noise`, CLIP text encoder, UNet, MSE, backward, AdamW on the whole token-embedding matrix,
+  then every row but the placeholder's restored. With bf16 the frozen UNet and VAE are cast to bf16 and the step
+  runs under autocast, as that script does under accelerate.
 
-Each variant reports its FLOPs per step (counted on one step with FlopCounterMode), the GFLOP/s that implies and
-the fraction of the machine's own matmul throughput (measured in the same run). Speed-ups are ratios of seconds
-per step, > 1 meaning ours is faster.
+Every case (loop x precision x gradient checkpointing) runs in its own child process, so its peak memory is its
+own: CPU peak RSS while stepping (the kernel's high-water mark, reset once the models are built, so that
+building the peer from our weights does not count against it), CUDA `max_memory_allocated`. Cases alternate and
+repeat (--repeats); ratios are of medians from the same run. > 1 means ours is faster; RSS ratios are ours/theirs.
 """
 import argparse
+import gc
 import json
+import math
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,15 +45,138 @@ from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula,  # noqa: E402
                                       sdpa_backward_flop_count, sdpa_flop_count)
 
-from ldm.modules.attention import BasicTransformerBlock  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
-VARIANTS = ("ours", "ours_no_cache", "diffusers_style")
+SD_CONFIG = os.path.join(ROOT, "configs/stable-diffusion/v1-finetune.yaml")
+SMOKE_CONFIG = os.path.join(ROOT, "configs/tiny/finetune-tiny.yaml")
+# diffusers' converter reads SD v1's head rule (a head count, not a head width)
+SMOKE_OVERRIDES = ["model.params.unet_config.params.num_heads=2", "model.params.unet_config.params.num_head_channels=-1"]
+LOOPS = ("ours", "diffusers")
 TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "a close-up photo of a {}")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (loop, precision, gradient checkpointing): the cases whose ratios the issue asks for
+CASES = (("ours", "fp32", "off"), ("diffusers", "fp32", "off"), ("ours", "bf16", "off"), ("diffusers", "bf16", "off"),
+         ("ours", "fp32", "on"))
 
 
-def _register_cpu_attention_flops():
+# --- the peer: diffusers' and transformers' own modules on our weights ------------------------------------------
+
+def diffusers_modules(model, config):
+    """(unet, vae, text_encoder) of diffusers/transformers holding `model`'s weights, converted by diffusers.
+
+    Built on the meta device and loaded with assign=True: the peer shares our tensors instead of copying them, so
+    building it costs neither a second random initialisation nor a second copy of the weights.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as su
+    from transformers import CLIPTextModel
+
+    checkpoint = model.state_dict()
+    original = OmegaConf.to_container(config, resolve=True)
+    size = config.model.params.unet_config.params.image_size * 2 ** (
+        len(config.model.params.first_stage_config.params.ddconfig.ch_mult) - 1)
+    unet_config = su.create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=size)
+    vae_config = su.create_vae_diffusers_config_from_ldm(original, checkpoint, image_size=size)
+    clip = model.cond_stage_model.transformer
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        text_encoder = CLIPTextModel(clip.config)
+    unet.load_state_dict(su.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True, assign=True)
+    vae.load_state_dict(su.convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True, assign=True)
+    clip_state = su.convert_ldm_clip_checkpoint(checkpoint)
+    if not hasattr(text_encoder, "text_model"):  # transformers 5.x flattened CLIPTextModel
+        clip_state = {k.removeprefix("text_model."): v for k, v in clip_state.items()}
+    clip_state = {k: v for k, v in clip_state.items() if not k.endswith("position_ids")}
+    text_encoder.load_state_dict(clip_state, strict=False, assign=True)
+    for name, buffer in text_encoder.named_buffers():  # non-persistent buffers are not in a state dict
+        if buffer.is_meta:
+            owner, attr = text_encoder.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            setattr(owner, attr, dict(clip.named_buffers())[name].clone())
+    return unet, vae, text_encoder
+
+
+def diffusers_step(model, config, precision, gradient_checkpointing, device):
+    """The training step of diffusers' textual_inversion.py on its own modules (`step.embedding`: what it trains)."""
+    from diffusers import DDPMScheduler
+    unet, vae, text_encoder = diffusers_modules(model, config)
+    tokenizer = model.cond_stage_model.tokenizer
+    placeholder_id = next(iter(model.embedding_manager.string_to_token_dict.values())).item()
+    p = config.model.params
+    scheduler = DDPMScheduler(num_train_timesteps=p.timesteps, beta_start=p.linear_start, beta_end=p.linear_end,
+                              beta_schedule="scaled_linear")
+    unet, vae, text_encoder = unet.to(device), vae.to(device), text_encoder.to(device)
+    weight_dtype = DTYPES[precision]
+    if precision != "fp32":  # the script keeps the frozen UNet and VAE in the mixed-precision dtype
+        unet.to(dtype=weight_dtype)
+        vae.to(dtype=weight_dtype)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    embedding = text_encoder.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+    if gradient_checkpointing == "on":
+        unet.train()
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+    text_encoder.train()
+    original = embedding.detach().clone()
+    keep = torch.ones(embedding.shape[0], dtype=torch.bool, device=device)
+    keep[placeholder_id] = False
+    optimizer = torch.optim.AdamW([embedding], lr=config.model.base_learning_rate)
+    scaling = vae.config.scaling_factor
+
+    def step(batch, autocast):
+        input_ids = tokenizer(batch["caption"], padding="max_length", truncation=True,
+                              max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+        pixels = batch["image"].permute(0, 3, 1, 2).to(weight_dtype)
+        with autocast():
+            latents = vae.encode(pixels).latent_dist.sample().detach() * scaling
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
+            noisy = scheduler.add_noise(latents, noise, t)
+            hidden = text_encoder(input_ids)[0].to(dtype=weight_dtype)
+            pred = unet(noisy, t, hidden).sample
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            embedding[keep] = original[keep]
+
+    step.embedding = embedding
+    return step
+
+
+# --- ours -------------------------------------------------------------------------------------------------------
+
+def set_gradient_checkpointing(unet, on):
+    """The UNet config's `use_checkpoint`, switched on every block after construction."""
+    for module in unet.modules():
+        if hasattr(module, "use_checkpoint"):
+            module.use_checkpoint = on
+        if hasattr(module, "checkpoint") and isinstance(getattr(module, "checkpoint"), bool):
+            module.checkpoint = on
+
+
+def ours_step(model, config, precision, gradient_checkpointing, device):
+    set_gradient_checkpointing(model.model.diffusion_model, gradient_checkpointing == "on")
+    if precision != "fp32":  # what LatentDiffusion.on_fit_start does under --precision bf16-mixed / 16-mixed
+        model.match_frozen_unet_to_precision({"bf16": "bf16-mixed", "fp16": "16-mixed"}[precision])
+    optimizer = torch.optim.AdamW(model.embedding_manager.embedding_parameters(), lr=config.model.base_learning_rate)
+
+    def step(batch, autocast):
+        with autocast():
+            loss, _ = model.shared_step(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# --- measuring one case (child process) -------------------------------------------------------------------------
+
+def register_cpu_attention_flops():
     """FlopCounterMode knows the CUDA attention kernels but not the one SDPA picks on CPU: count it the same way."""
     aten = torch.ops.aten
     if aten._scaled_dot_product_flash_attention_for_cpu in flop_registry:
@@ -63,41 +196,15 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_gflops(dtype, max_n, device, reps=3, budget_s=1.0):
-    """Throughput of an n x n matmul: the machine's own yardstick for the steps' achieved GFLOP/s.
-
-    n doubles from 256 up to max_n while one product is predicted to take under budget_s, so that a dtype the
-    hardware lacks (bf16 on many CPUs runs at ~1 GFLOP/s) costs seconds, not minutes. Returns (GFLOP/s, n).
-    """
-    n = min(256, max_n)
-    while True:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        a @ b
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        synchronize(device)
-        seconds = (time.perf_counter() - start) / reps
-        if n * 2 > max_n or seconds * 8 > budget_s:
-            return 2 * n ** 3 / seconds / 1e9, n
-        n *= 2
-
-
-def set_gradient_checkpointing(unet, on):
-    for module in unet.modules():
-        if hasattr(module, "use_checkpoint"):
-            module.use_checkpoint = on
-        if isinstance(module, BasicTransformerBlock):
-            module.checkpoint = on
-
-
-def build_model(config_path, device, seed):
-    config = OmegaConf.load(config_path)
+def build_model(config, device, seed):
+    """Our model at random weights; the UNet's zero-initialised output convs get small random weights too, so that
+    the prediction (and the gradient reaching the embedding) is not identically zero."""
     torch.manual_seed(seed)
     model = instantiate_from_config(config.model).to(device)
-    model.learning_rate = config.model.get("base_learning_rate", 5e-3)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0, 0.02)
     return model.train()
 
 
@@ -111,123 +218,171 @@ def make_batch(model, size, batch_size, device, seed):
     }
 
 
-def ours_step(model, cache):
-    """One step of our training loop: what LatentDiffusion.training_step and Lightning's optimizer step do."""
-    optimizer = torch.optim.AdamW(model.embedding_manager.embedding_parameters(), lr=model.learning_rate)
-
-    def step(batch, autocast):
-        model.cache_first_stage_latents = cache
-        with autocast():
-            loss, _ = model.shared_step(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-@contextmanager
-def trainable_token_embedding(text_encoder):
-    """diffusers trains the text encoder's whole token-embedding matrix; put it back as it was afterwards."""
-    weight = text_encoder.token_embedding.weight
-    original = weight.detach().clone()
-    weight.requires_grad_(True)
-    try:
-        yield weight, original
-    finally:
-        weight.requires_grad_(False)
-        with torch.no_grad():
-            weight.copy_(original)
-
-
-def diffusers_style_step(model, weight, original):
-    """The step of diffusers' textual_inversion.py, on our modules and weights."""
-    vae, text_encoder = model.first_stage_model, model.cond_stage_model
-    placeholder_id = next(iter(model.embedding_manager.string_to_token_dict.values())).item()
-    keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
-    keep[placeholder_id] = False
-    optimizer = torch.optim.AdamW([weight], lr=model.learning_rate)
-
-    def step(batch, autocast):
-        pixels = batch["image"].permute(0, 3, 1, 2)
-        input_ids = text_encoder.tokenize(batch["caption"])  # its dataset tokenises every item it serves
-        with autocast():
-            latents = vae.encode(pixels).sample().detach() * model.scale_factor
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, model.num_timesteps, (latents.shape[0],), device=latents.device)
-            noisy = model.q_sample(latents, t, noise)
-            context = text_encoder.encode_tokens(input_ids)
-            pred = model.apply_model(noisy, t, context)
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # only the placeholder's row may learn
-            weight[keep] = original[keep]
-
-    return step
-
-
-def measure(step, batch, autocast, device, warmup, steps):
-    """Warm-up (fills caches), one FLOP-counted step, then `steps` timed steps."""
-    for _ in range(warmup):
-        step(batch, autocast)
-    with FlopCounterMode(display=False) as counter:
-        step(batch, autocast)
+def reset_peak_memory(device):
+    """Start a fresh high-water mark: CUDA's allocator statistics, or the kernel's VmHWM of this process."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step(batch, autocast)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    return {"seconds_per_step": statistics.median(times), "step_times": times,
-            "flops_per_step": counter.get_total_flops(), "peak_memory_mib": peak}
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
-def run(args):
+def peak_memory_mib(device, reset_worked):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if reset_worked:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    return process_peak_rss_mib()
+
+
+def process_peak_rss_mib():
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
+
+
+def load_config(args):
+    config = OmegaConf.load(args.config)
+    if args.smoke:
+        config = OmegaConf.merge(config, OmegaConf.from_dotlist(SMOKE_OVERRIDES))
+    return config
+
+
+def measure_case(args, loop, precision, gradient_checkpointing):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = args.size or (512 if device.type == "cuda" else 256)
-    _register_cpu_attention_flops()
-
-    matmul, matmul_sizes = {}, {}
-    for name in dict.fromkeys(("fp32", "bf16", args.precision)):
-        matmul[name], matmul_sizes[name] = matmul_gflops(DTYPES[name], args.matmul_size, device)
-    model = build_model(args.config, device, args.seed)
-    set_gradient_checkpointing(model.model.diffusion_model, args.gradient_checkpointing == "on")
-    batch = make_batch(model, size, args.batch_size, device, args.seed)
-    dtype = DTYPES[args.precision]
+    register_cpu_attention_flops()
+    config = load_config(args)
+    start = time.perf_counter()
+    model = build_model(config, device, args.seed)
+    batch = make_batch(model, args.size, args.batch_size, device, args.seed)
+    make = ours_step if loop == "ours" else diffusers_step
+    step = make(model, config, precision, gradient_checkpointing, device)
+    if loop == "diffusers":
+        # our LatentDiffusion stays referenced by the closure only through the tokenizer and ids it lent
+        model.model = model.first_stage_model = None
+    build_seconds = time.perf_counter() - start
+    dtype = DTYPES[precision]
 
     def autocast():
         return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
-    results = {
-        "ours": measure(ours_step(model, cache=True), batch, autocast, device, args.warmup, args.steps),
-        "ours_no_cache": measure(ours_step(model, cache=False), batch, autocast, device, args.warmup, args.steps),
-    }
-    with trainable_token_embedding(model.cond_stage_model) as (weight, original):
-        results["diffusers_style"] = measure(diffusers_style_step(model, weight, original), batch, autocast, device,
-                                             args.warmup, args.steps)
-    for r in results.values():
-        r["achieved_gflops"] = r["flops_per_step"] / r["seconds_per_step"] / 1e9
-        r["fraction_of_matmul_peak"] = r["achieved_gflops"] / matmul[args.precision]
+    reset_worked = reset_peak_memory(device)
+    for i in range(args.warmup):  # the first fills our caches; the last warm-up step is FLOP-counted
+        if i == args.warmup - 1:
+            with FlopCounterMode(display=False) as counter:
+                step(batch, autocast)
+        else:
+            step(batch, autocast)
+    times = []
+    for _ in range(args.steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        step(batch, autocast)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return {"loop": loop, "precision": precision, "gradient_checkpointing": gradient_checkpointing,
+            "seconds_per_step": statistics.median(times), "step_times": times,
+            "flops_per_step": counter.get_total_flops(), "build_seconds": build_seconds,
+            "peak_memory_mib": peak_memory_mib(device, reset_worked), "process_peak_rss_mib": process_peak_rss_mib(),
+            "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS while stepping"}
 
-    ours = results["ours"]["seconds_per_step"]
-    return {
-        "config": str(args.config), "device": str(device), "device_name": device_name(device),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "size": size,
-        "batch_size": args.batch_size, "precision": args.precision,
-        "gradient_checkpointing": args.gradient_checkpointing, "warmup": args.warmup, "steps": args.steps,
-        "matmul_gflops": matmul, "matmul_sizes": matmul_sizes,
-        "variants": results,
-        "speedup": {"ours_vs_no_cache": results["ours_no_cache"]["seconds_per_step"] / ours,
-                    "ours_vs_diffusers_style": results["diffusers_style"]["seconds_per_step"] / ours},
-    }
+
+# --- orchestration (parent process) -----------------------------------------------------------------------------
+
+def matmul_gflops(dtype, max_n, device, reps=3, budget_s=1.0):
+    """Throughput of an n x n matmul, the machine's own yardstick; n doubles from 256 while a product is cheap."""
+    n = min(256, max_n)
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / reps
+        if n * 2 > max_n or seconds * 8 > budget_s:
+            return 2 * n ** 3 / seconds / 1e9
+        n *= 2
+
+
+def child_command(args, case, out_path):
+    loop, precision, ckpt = case
+    return [sys.executable, os.path.abspath(__file__), "--child", f"{loop},{precision},{ckpt}", "--child_out", out_path,
+            "--config", args.config, "--device", args.device, "--size", str(args.size),
+            "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else []) + (
+        ["--smoke"] if args.smoke else [])
+
+
+def run_case(args, case, workdir, rep):
+    out_path = os.path.join(workdir, f"{'-'.join(case)}-{rep}.json")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(child_command(args, case, out_path), env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    with open(out_path) as f:
+        return json.load(f)
+
+
+def summarise(cases, runs):
+    """Median s/step and peak memory per case over the repeats, then the ratios the issue asks for."""
+    summary = {}
+    for case in cases:
+        rs = runs["-".join(case)]
+        summary["-".join(case)] = {
+            "seconds_per_step": statistics.median(r["seconds_per_step"] for r in rs),
+            "peak_memory_mib": statistics.median(r["peak_memory_mib"] for r in rs),
+            "flops_per_step": rs[0]["flops_per_step"], "runs": len(rs)}
+
+    def s(loop, prec, ckpt="off"):
+        return summary.get(f"{loop}-{prec}-{ckpt}")
+
+    ratios = {}
+    for prec in ("fp32", "bf16", "fp16"):
+        ours, theirs = s("ours", prec), s("diffusers", prec)
+        if ours and theirs:
+            ratios[f"train_speedup_{prec}"] = theirs["seconds_per_step"] / ours["seconds_per_step"]
+            ratios[f"peak_memory_ratio_{prec}"] = ours["peak_memory_mib"] / theirs["peak_memory_mib"]
+    for prec in ("fp32", "bf16", "fp16"):
+        on, off = s("ours", prec, "on"), s("ours", prec)
+        if on and off:
+            ratios[f"checkpointing_time_cost_{prec}"] = on["seconds_per_step"] / off["seconds_per_step"]
+            ratios[f"checkpointing_memory_ratio_{prec}"] = on["peak_memory_mib"] / off["peak_memory_mib"]
+    return summary, ratios
+
+
+TARGETS = {"train_speedup_fp32": (">=", 1.5), "train_speedup_bf16": (">=", 1.5),
+           "peak_memory_ratio_fp32": ("<=", 0.8), "peak_memory_ratio_bf16": ("<=", 0.8)}
+
+
+def format_report(report):
+    lines = [f"{report['config']} at {report['size']}px, batch {report['batch_size']}, {report['device']} "
+             f"({report['device_name']}), {report['threads']} threads, torch {report['torch']}, "
+             f"{report['repeats']} alternated repeat(s), {report['steps']} timed step(s) per case",
+             "matmul " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in report["matmul_gflops"].items()),
+             f"{'case':<22} {'s/step':>8} {'GFLOP/step':>11} {'GFLOP/s':>8} {'peak MiB':>9}"]
+    for name, r in report["cases"].items():
+        lines.append(f"{name:<22} {r['seconds_per_step']:>8.3f} {r['flops_per_step'] / 1e9:>11.1f} "
+                     f"{r['flops_per_step'] / 1e9 / r['seconds_per_step']:>8.1f} {r['peak_memory_mib']:>9.0f}")
+    for name, value in report["ratios"].items():
+        target = TARGETS.get(name)
+        verdict = ""
+        if target:
+            met = value >= target[1] if target[0] == ">=" else value <= target[1]
+            verdict = f"   target {target[0]} {target[1]}: {'met' if met else 'NOT met'}"
+        lines.append(f"{name:<32} {value:6.2f}{verdict}")
+    return "\n".join(lines)
 
 
 def device_name(device):
@@ -236,52 +391,79 @@ def device_name(device):
     return platform.processor() or platform.machine()
 
 
-def format_table(report):
-    lines = [f"{report['config']} at {report['size']}px, batch {report['batch_size']}, {report['precision']}, "
-             f"gradient checkpointing {report['gradient_checkpointing']}, {report['device']} "
-             f"({report['device_name']}), {report['threads']} threads, torch {report['torch']}",
-             "matmul " + ", ".join(f"{k} {v:.1f} GFLOP/s ({report['matmul_sizes'][k]}^2)"
-                                   for k, v in report["matmul_gflops"].items()),
-             f"{'variant':<16} {'s/step':>9} {'GFLOP/step':>11} {'GFLOP/s':>9} {'of matmul':>10} {'peak MiB':>9}"]
-    for name, r in report["variants"].items():
-        peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/m"
-        lines.append(f"{name:<16} {r['seconds_per_step']:>9.4f} {r['flops_per_step'] / 1e9:>11.2f} "
-                     f"{r['achieved_gflops']:>9.1f} {r['fraction_of_matmul_peak']:>9.1%} {peak:>9}")
-    s = report["speedup"]
-    lines.append(f"speed-up of ours: x{s['ours_vs_no_cache']:.2f} vs no cache, "
-                 f"x{s['ours_vs_diffusers_style']:.2f} vs diffusers-style loop")
-    return "\n".join(lines)
+def run(args):
+    import tempfile
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [tuple(c.split(",")) for c in args.cases]
+    matmul = {p: matmul_gflops(DTYPES[p], args.matmul_size, device)
+              for p in dict.fromkeys(["fp32"] + [c[1] for c in cases])}
+    runs = {"-".join(c): [] for c in cases}
+    with tempfile.TemporaryDirectory() as workdir:
+        for rep in range(args.repeats):
+            order = cases if rep % 2 == 0 else cases[::-1]  # alternate, and reverse every other round
+            for case in order:
+                result = run_case(args, case, workdir, rep)
+                runs["-".join(case)].append(result)
+                print(f"[{rep}] {'-'.join(case)}: {result['seconds_per_step']:.3f} s/step, "
+                      f"{result['peak_memory_mib']:.0f} MiB", flush=True)
+    summary, ratios = summarise(cases, runs)
+    return {"config": os.path.relpath(args.config, ROOT), "device": str(device), "device_name": device_name(device),
+            "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(), "size": args.size,
+            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+            "matmul_gflops": matmul, "cases": summary, "ratios": ratios, "runs": runs}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs/stable-diffusion/v1-finetune.yaml"))
+    p.add_argument("--config", default=None, help=f"model config (default {os.path.relpath(SD_CONFIG, ROOT)})")
+    p.add_argument("--smoke", action="store_true", help="tiny config, 32 px, 1 step, 1 thread: seconds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 256 on CPU, 512 on CUDA)")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1: it fills the cache)")
-    p.add_argument("--precision", choices=tuple(DTYPES), default="fp32", help="autocast dtype")
-    p.add_argument("--gradient_checkpointing", choices=("on", "off"), default="off",
-                   help="UNet activation checkpointing (the original's use_checkpoint: True did nothing)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 2: fill caches, count FLOPs)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over all cases, alternating their order")
+    p.add_argument("--cases", nargs="+", default=[",".join(c) for c in CASES],
+                   help="loop,precision,checkpointing triples, e.g. ours,bf16,on diffusers,fp32,on")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--matmul_size", type=int, default=2048,
-                   help="largest matmul side; smaller where one product would take over 1 s")
+    p.add_argument("--matmul_size", type=int, default=2048, help="largest matmul side for the yardstick")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the full results here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child_out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        p.error("--warmup and --steps must be at least 1")
+    if args.smoke:
+        args.config = args.config or SMOKE_CONFIG
+        args.size = args.size or 32
+        args.steps, args.threads, args.matmul_size = 1, args.threads or 1, 256
+    args.config = os.path.abspath(args.config or SD_CONFIG)
+    args.size = args.size or (512 if args.device.startswith("cuda") else 256)
+    if args.warmup < 2 or args.steps < 1 or args.repeats < 1:
+        p.error("--warmup must be at least 2, --steps and --repeats at least 1")
+    for case in args.cases:
+        parts = case.split(",")
+        if len(parts) != 3 or parts[0] not in LOOPS or parts[1] not in DTYPES or parts[2] not in ("on", "off"):
+            p.error(f"--cases: {case!r} is not loop,precision,checkpointing (e.g. ours,fp32,off)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.child:
+        result = measure_case(args, *args.child.split(","))
+        with open(args.child_out, "w") as f:
+            json.dump(result, f)
+        return result
     report = run(args)
-    print(format_table(report))
+    print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    bad = [k for k, v in report["ratios"].items() if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise SystemExit(f"benchmark_ti: ratios not positive and finite: {bad}")
     return report
 
 

@@ -65,9 +65,13 @@ class CrossAttention(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention to the text, then a gated feed-forward, each pre-normed and residual."""
 
-    def __init__(self, dim, n_heads, d_head, dropout=0., context_dim=None, gated_ff=True, checkpoint=True):
+    def __init__(self, dim, n_heads, d_head, dropout=0., context_dim=None, gated_ff=True, checkpoint=True,
+                 disable_self_attn=False):
         super().__init__()
-        self.attn1 = CrossAttention(query_dim=dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        # Stability's `disable_self_attn`: the first attention also attends to the context instead of to `x`.
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(query_dim=dim, context_dim=context_dim if disable_self_attn else None,
+                                    heads=n_heads, dim_head=d_head, dropout=dropout)
         self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
         self.attn2 = CrossAttention(query_dim=dim, context_dim=context_dim, heads=n_heads, dim_head=d_head,
                                     dropout=dropout)
@@ -80,7 +84,7 @@ class BasicTransformerBlock(nn.Module):
         return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
 
     def _forward(self, x, context=None):
-        x = self.attn1(self.norm1(x)) + x
+        x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None) + x
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -92,30 +96,52 @@ class SpatialTransformer(nn.Module):
     `proj_out` starts at zero so that a fresh block is the identity. `use_checkpoint` (not in the
     original's signature, which always asked its blocks to checkpoint) lets the UNet's
     `use_checkpoint` switch reach the transformer blocks.
+    `use_linear` (SD 2.x, SDXL): `proj_in`/`proj_out` are `nn.Linear` on (b, h*w, c) after the norm, not 1x1
+    convs; the same map with 2-D weights, as in those checkpoints. `disable_self_attn`: see BasicTransformerBlock.
     """
 
-    def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0., context_dim=None, use_checkpoint=True):
+    def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0., context_dim=None, use_checkpoint=True,
+                 use_linear=False, disable_self_attn=False):
         super().__init__()
         self.in_channels = in_channels
+        self.use_linear = use_linear
         inner_dim = n_heads * d_head
         self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
-        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        self.proj_in = nn.Linear(in_channels, inner_dim) if use_linear else nn.Conv2d(in_channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList([
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim,
-                                  checkpoint=use_checkpoint)
+                                  checkpoint=use_checkpoint, disable_self_attn=disable_self_attn)
             for _ in range(depth)
         ])
-        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+        self.proj_out = zero_module(nn.Linear(inner_dim, in_channels) if use_linear
+                                    else nn.Conv2d(inner_dim, in_channels, 1))
 
     def forward(self, x, context=None):
-        _, _, h, w = x.shape
+        b, _, h, w = x.shape
         x_in = x
-        x = self.proj_in(self.norm(x))
-        x = rearrange(x, "b c h w -> b (h w) c")
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        if self.use_linear:
+            x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context=context)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
-        return self.proj_out(x) + x_in
+        if self.use_linear:
+            x = self.proj_out(x)
+        # Back in the caller's memory format: a channels-last tensor leaking into an NCHW UNet makes every later
+        # convolution re-lay-out its weight on each call (a quarter of the UNet's time before this).
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(x_in))
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
+
+
+def memory_format_of(x):
+    """channels_last for an NHWC-strided 4-D tensor (a UNet converted with `to(memory_format=...)`), else NCHW."""
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class LinearAttention(nn.Module):

@@ -14,12 +14,14 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ldm.models.autoencoder import VQModelInterface
+from ldm.models.diffusion.prediction import Prediction
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import count_params, default, exists, instantiate_from_config, log_txt_as_img
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
+V_PREDICTION = Prediction("v")
 
 
 def disabled_train(self, mode=True):
@@ -47,8 +49,7 @@ class DDPM(pl.LightningModule):
                  use_positional_encodings=False, learn_logvar=False, logvar_init=0., min_timestep=0,
                  max_timestep=None):
         super().__init__()
-        if parameterization not in ("eps", "x0"):
-            raise ValueError(f"parameterization must be 'eps' or 'x0', got {parameterization!r}")
+        self.prediction = Prediction(parameterization)
         self.parameterization = parameterization
         print(f"{self.__class__.__name__}: Running in {self.parameterization}-prediction mode")
         self.cond_stage_model = None
@@ -131,12 +132,8 @@ class DDPM(pl.LightningModule):
                              to_torch(betas * np.sqrt(alphas_cumprod_prev) / (1. - alphas_cumprod)))
         self.register_buffer("posterior_mean_coef2",
                              to_torch((1. - alphas_cumprod_prev) * np.sqrt(alphas) / (1. - alphas_cumprod)))
-        if self.parameterization == "eps":
-            lvlb_weights = self.betas ** 2 / (2 * self.posterior_variance * to_torch(alphas)
-                                              * (1 - self.alphas_cumprod))
-        else:
-            lvlb_weights = 0.5 * np.sqrt(torch.Tensor(alphas_cumprod)) / (2. * 1 - torch.Tensor(alphas_cumprod))
-        lvlb_weights[0] = lvlb_weights[1]  # the first weight is inf/nan: borrow its neighbour's
+        lvlb_weights = self.prediction.vlb_weights(self.betas, to_torch(alphas), self.alphas_cumprod,
+                                                   self.posterior_variance)
         self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
         assert not torch.isnan(self.lvlb_weights).any()
 
@@ -159,6 +156,20 @@ class DDPM(pl.LightningModule):
         return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
+    # Stability's SD 2.x names for the v conversions
+    def predict_start_from_z_and_v(self, x_t, t, v):
+        return V_PREDICTION.to_x0(x_t, v, self.alpha_bar(t, x_t))
+
+    def predict_eps_from_z_and_v(self, x_t, t, v):
+        return V_PREDICTION.to_eps(x_t, v, self.alpha_bar(t, x_t))
+
+    def get_v(self, x, noise, t):
+        return V_PREDICTION.target(x, noise, self.alpha_bar(t, x))
+
+    def alpha_bar(self, t, x):
+        """alphas_cumprod at each sample's timestep, shaped to broadcast over `x`."""
+        return extract_into_tensor(self.alphas_cumprod, t, x.shape)
+
     def q_posterior(self, x_start, x_t, t):
         mean = (extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
                 + extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t)
@@ -173,7 +184,10 @@ class DDPM(pl.LightningModule):
 
     def p_mean_variance(self, x, t, clip_denoised, cond=None):
         model_out = self.apply_model(x, t, cond)
-        x_recon = self.predict_start_from_noise(x, t, model_out) if self.parameterization == "eps" else model_out
+        if self.parameterization == "eps":  # the original's precomputed coefficients, bit for bit
+            x_recon = self.predict_start_from_noise(x, t, model_out)
+        else:
+            x_recon = self.prediction.to_x0(x, model_out, self.alpha_bar(t, x))
         if clip_denoised:
             x_recon.clamp_(-1., 1.)
         return self.q_posterior(x_start=x_recon, x_t=x, t=t)
@@ -242,7 +256,7 @@ class DDPM(pl.LightningModule):
         noise = default(noise, lambda: self.randn(x_start.shape, x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_output = self.apply_model(x_noisy, t, cond)
-        target = noise if self.parameterization == "eps" else x_start
+        target = self.prediction.target(x_start, noise, self.alpha_bar(t, x_start))
         prefix = "train" if self.training else "val"
 
         loss_simple = self.get_loss(model_output, target, mean=False).mean(dim=(1, 2, 3))
@@ -528,6 +542,20 @@ class LatentDiffusion(DDPM):
         return x_recon[0] if isinstance(x_recon, tuple) and not return_ids else x_recon
 
     # --------------------------------------------------------------- lightning
+    def on_fit_start(self):
+        self.match_frozen_unet_to_precision(self.trainer.precision)
+
+    def match_frozen_unet_to_precision(self, precision):
+        """Under mixed precision ("bf16-mixed", "16-mixed"), store a frozen UNet's weights in the autocast dtype.
+
+        Otherwise autocast casts every fp32 weight on every call (it caches casts only of weights that require
+        grad). Checkpoints of a frozen UNet do not hold its weights, so nothing saved changes.
+        """
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+        unet = self.model.diffusion_model
+        if dtype is not None and self.prunes_checkpoints and hasattr(unet, "convert_torso"):
+            unet.convert_torso(dtype)
+
     def on_train_batch_start(self, batch, batch_idx):
         if self.embedding_manager is not None:
             # progressive words count optimizer steps (the original counted forward calls)

@@ -22,15 +22,9 @@ from ldm.modules.diffusionmodules.util import (
 )
 
 
-def convert_module_to_f16(module):
-    """Halve the weights that carry the compute (convs, linears); norms stay float32 for stability."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        module.half()
-
-
-def convert_module_to_f32(module):
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        module.float()
+def compute_layers(module):
+    """The layers that carry the compute (convs, linears); norms stay float32 for stability."""
+    return [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
 
 
 class TimestepBlock(nn.Module):
@@ -240,10 +234,20 @@ class UNetModel(nn.Module):
 
     :param attention_resolutions: downsampling rates (1, 2, 4, ...) at which attention is applied.
     :param num_heads / num_head_channels: a fixed number of heads, or a fixed width per head (one must be -1).
-    :param num_classes: class-conditional when set (`y` labels in forward).
+    :param num_classes: class-conditional when set (`y` labels in forward); `"sequential"` (SDXL): `y` is an
+        (N, adm_in_channels) vector embedded by an MLP (`label_emb.0.0`, `label_emb.0.2`) and added to the time
+        embedding.
     :param use_checkpoint: recompute activations in backward to save memory.
     :param use_fp16: run the torso (input, middle and output blocks) in half precision.
-    :param context_dim: width of the text context for cross-attention.
+    :param context_dim: width of the text context for cross-attention (an int, or Stability's list of equal ints).
+    :param transformer_depth: transformer blocks per SpatialTransformer: an int, or one per level (SDXL); the
+        middle block uses the last level's.
+    :param use_linear_in_transformer: linear `proj_in`/`proj_out` in the transformers (SD 2.x, SDXL).
+    :param adm_in_channels: width of `y` for `num_classes: "sequential"`.
+    :param disable_self_attentions: per level, whether the first attention of each block attends to the context.
+    :param disable_middle_self_attn: the same for the middle block.
+    :param spatial_transformer_attn_type: Stability's attention backend choice; both run through
+        `scaled_dot_product_attention` here.
     :param n_embed: predict codebook ids of a VQ first stage instead of the noise.
     :param legacy: the original's head-width rule (kept so that old configs build the same network).
     """
@@ -253,14 +257,25 @@ class UNetModel(nn.Module):
                  num_classes=None, use_checkpoint=False, use_fp16=False, num_heads=-1, num_head_channels=-1,
                  num_heads_upsample=-1, use_scale_shift_norm=False, resblock_updown=False,
                  use_new_attention_order=False, use_spatial_transformer=False, transformer_depth=1,
-                 context_dim=None, n_embed=None, legacy=True):
+                 context_dim=None, n_embed=None, legacy=True, use_linear_in_transformer=False, adm_in_channels=None,
+                 disable_self_attentions=None, disable_middle_self_attn=False,
+                 spatial_transformer_attn_type="softmax"):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim (the width of the conditioning).")
         if context_dim is not None and not use_spatial_transformer:
             raise ValueError("context_dim is only used by the spatial transformer: set use_spatial_transformer.")
-        if isinstance(context_dim, Sequence):
-            raise ValueError(f"context_dim must be one integer, got {context_dim!r}.")
+        context_dim = _one_context_dim(context_dim)
+        transformer_depth = _per_level("transformer_depth", transformer_depth, channel_mult)
+        disable_self_attentions = _per_level("disable_self_attentions", disable_self_attentions or False,
+                                             channel_mult)
+        if spatial_transformer_attn_type not in ("softmax", "softmax-xformers"):
+            raise ValueError(f"spatial_transformer_attn_type {spatial_transformer_attn_type!r} is not supported: "
+                             "use 'softmax' (or 'softmax-xformers', the same attention here).")
+        if (num_classes == "sequential") != (adm_in_channels is not None):
+            raise ValueError('adm_in_channels goes with num_classes: "sequential" (both or neither).')
+        if isinstance(num_classes, str) and num_classes != "sequential":
+            raise ValueError(f'num_classes must be an integer or "sequential", got {num_classes!r}.')
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("set either num_heads or num_head_channels.")
         if num_heads_upsample == -1:
@@ -287,7 +302,8 @@ class UNetModel(nn.Module):
             return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch, dims=dims,
                             use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, **updown)
 
-        def attention(ch, heads_without_text=num_heads):
+        def attention(ch, heads_without_text=num_heads, depth=transformer_depth[-1],
+                      disable_self_attn=disable_middle_self_attn):
             if num_head_channels == -1:
                 heads, dim_head = num_heads, ch // num_heads
             else:
@@ -295,8 +311,9 @@ class UNetModel(nn.Module):
             if use_spatial_transformer:
                 if legacy:
                     dim_head = ch // heads
-                return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, context_dim=context_dim,
-                                          use_checkpoint=use_checkpoint)
+                return SpatialTransformer(ch, heads, dim_head, depth=depth, context_dim=context_dim,
+                                          use_checkpoint=use_checkpoint, use_linear=use_linear_in_transformer,
+                                          disable_self_attn=disable_self_attn)
             # The legacy rule hands AttentionBlock the configured head width (which may be -1: use the head count).
             return AttentionBlock(ch, use_checkpoint=use_checkpoint, num_heads=heads_without_text,
                                   num_head_channels=num_head_channels if legacy else dim_head,
@@ -308,7 +325,13 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             linear(time_embed_dim, time_embed_dim),
         )
-        if num_classes is not None:
+        if num_classes == "sequential":
+            self.label_emb = nn.Sequential(nn.Sequential(
+                linear(adm_in_channels, time_embed_dim),
+                nn.SiLU(),
+                linear(time_embed_dim, time_embed_dim),
+            ))
+        elif num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
         self.input_blocks = nn.ModuleList([
@@ -322,7 +345,8 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layers.append(attention(ch))
+                    layers.append(attention(ch, depth=transformer_depth[level],
+                                            disable_self_attn=disable_self_attentions[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != len(channel_mult) - 1:
@@ -339,7 +363,8 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch + input_block_chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(attention(ch, heads_without_text=num_heads_upsample))
+                    layers.append(attention(ch, heads_without_text=num_heads_upsample, depth=transformer_depth[level],
+                                            disable_self_attn=disable_self_attentions[level]))
                 if level and i == num_res_blocks:
                     layers.append(resblock(ch, ch, up=True) if resblock_updown
                                   else Upsample(ch, conv_resample, dims=dims))
@@ -359,22 +384,29 @@ class UNetModel(nn.Module):
     def _torso(self):
         return self.input_blocks, self.middle_block, self.output_blocks
 
-    def convert_to_fp16(self):
+    def convert_torso(self, dtype):
+        """Store the torso's convs and linears in `dtype` and run the torso in it (norms stay float32).
+
+        For a frozen UNet under bf16/fp16 autocast this removes the cast of every weight on every call (autocast
+        caches casts only for weights that require grad) and halves the weights' memory.
+        """
         for part in self._torso():
-            part.apply(convert_module_to_f16)
-        self.dtype = torch.float16
+            for layer in compute_layers(part):
+                layer.to(dtype)
+        self.dtype = dtype
+
+    def convert_to_fp16(self):
+        self.convert_torso(torch.float16)
 
     def convert_to_fp32(self):
-        for part in self._torso():
-            part.apply(convert_module_to_f32)
-        self.dtype = torch.float32
+        self.convert_torso(torch.float32)
 
     def forward(self, x, timesteps=None, context=None, y=None):
         """
         :param x: (N, C, ...) noisy inputs.
         :param timesteps: (N,) timesteps.
         :param context: (N, L, context_dim) conditioning for cross-attention.
-        :param y: (N,) class labels, if class-conditional.
+        :param y: (N,) class labels, if class-conditional; (N, adm_in_channels) for `num_classes: "sequential"`.
         :return: (N, out_channels, ...) outputs (or codebook logits with n_embed).
         """
         if (y is not None) != (self.num_classes is not None):
@@ -384,9 +416,11 @@ class UNetModel(nn.Module):
         # the sinusoid is float32; cast it to the embedding MLP's dtype so a model cast to half runs
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-            emb = emb + self.label_emb(y)
+            expected = (x.shape[0], self.label_emb[0][0].in_features) if self.num_classes == "sequential" \
+                else (x.shape[0],)
+            if tuple(y.shape) != expected:
+                raise ValueError(f"y must have shape {expected}, got {tuple(y.shape)}")
+            emb = emb + self.label_emb(y.to(emb.dtype) if self.num_classes == "sequential" else y)
 
         h = x.type(self.dtype)
         emb = emb.type(self.dtype)
@@ -401,3 +435,24 @@ class UNetModel(nn.Module):
             h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
         h = h.type(x.dtype)
         return self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
+
+
+def _one_context_dim(context_dim):
+    """Stability's configs may give context_dim as a list (one per transformer block); one width is supported."""
+    if not isinstance(context_dim, Sequence):
+        return context_dim
+    widths = set(context_dim)
+    if len(widths) != 1:
+        raise ValueError(f"context_dim {list(context_dim)!r}: contexts of different widths per block are not "
+                         "supported; give one integer.")
+    return widths.pop()
+
+
+def _per_level(name, value, channel_mult):
+    """An int/bool for every level, or a list with one entry per level of channel_mult."""
+    if not isinstance(value, Sequence):
+        return [value] * len(channel_mult)
+    if len(value) != len(channel_mult):
+        raise ValueError(f"{name} {list(value)!r} needs one entry per level of channel_mult "
+                         f"({len(channel_mult)}), or one value for all.")
+    return list(value)

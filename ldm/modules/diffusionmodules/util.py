@@ -52,14 +52,6 @@ def make_ddim_sampling_parameters(alphacums, ddim_timesteps, eta, verbose=True):
     return sigmas, alphas, alphas_prev
 
 
-def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
-    betas = []
-    for i in range(num_diffusion_timesteps):
-        t1, t2 = i / num_diffusion_timesteps, (i + 1) / num_diffusion_timesteps
-        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
-    return np.array(betas)
-
-
 def extract_into_tensor(a, t, x_shape):
     b = t.shape[0]
     out = a.gather(-1, t)
@@ -97,16 +89,6 @@ def zero_module(module):
     return module
 
 
-def scale_module(module, scale):
-    for p in module.parameters():
-        p.detach().mul_(scale)
-    return module
-
-
-def mean_flat(tensor):
-    return tensor.mean(dim=list(range(1, tensor.ndim)))
-
-
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 (and cast back), as the original does for fp16 stability."""
 
@@ -116,11 +98,6 @@ class GroupNorm32(nn.GroupNorm):
 
 def normalization(channels):
     return GroupNorm32(32, channels)
-
-
-class SiLU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(x)
 
 
 def conv_nd(dims, *args, **kwargs):
