@@ -10,6 +10,7 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.models.diffusion.prediction import Prediction
 from ldm.models.diffusion.sampling_util import cat_conditioning
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 
@@ -35,6 +36,7 @@ class GaussianDenoiser(torch.nn.Module):
                                                                  dtype=torch.float32))
         self.num_timesteps = 1000
         self.parameterization = parameterization
+        self.prediction = Prediction(parameterization)
         self.batch_sizes = []
 
     def q_sample(self, x_start, t, noise):
@@ -46,9 +48,10 @@ class GaussianDenoiser(torch.nn.Module):
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1).double()
         m, x = cond.view(-1, 1, 1, 1).double(), x.double()
         d = a * SIGMA ** 2 + 1 - a
-        if self.parameterization == "eps":
-            return ((1 - a).sqrt() * (x - a.sqrt() * m) / d).to(torch.float32)
-        return (m + a.sqrt() * SIGMA ** 2 * (x - a.sqrt() * m) / d).to(torch.float32)
+        eps = (1 - a).sqrt() * (x - a.sqrt() * m) / d
+        x0 = m + a.sqrt() * SIGMA ** 2 * (x - a.sqrt() * m) / d
+        out = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.parameterization]
+        return out.to(torch.float32)
 
 
 def draw(sampler_cls, steps=20, seed=0, cond=1.0, parameterization="eps", **kwargs):
@@ -108,10 +111,12 @@ def test_scale_one_skips_the_unconditional_branch():
 
 
 @pytest.mark.parametrize("sampler_cls", [DDIMSampler, PLMSSampler])
-def test_x0_parameterisation_matches_eps(sampler_cls):
+@pytest.mark.parametrize("parameterization", ["x0", "v"])
+def test_x0_and_v_parameterisations_match_eps(sampler_cls, parameterization):
+    """The same denoiser predicting x0 or v (SD 2.x 768-px) samples what its eps form samples."""
     eps, _, _ = draw(sampler_cls, steps=10)
-    x0, _, _ = draw(sampler_cls, steps=10, parameterization="x0")
-    assert torch.allclose(eps, x0, atol=1e-4)
+    other, _, _ = draw(sampler_cls, steps=10, parameterization=parameterization)
+    assert torch.allclose(eps, other, atol=1e-4)
 
 
 def test_ddim_eta_is_stochastic_and_still_right():

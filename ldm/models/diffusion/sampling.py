@@ -68,14 +68,10 @@ class Denoiser:
     def __call__(self, x, sigma):
         c_in = 1 / math.sqrt(sigma ** 2 + 1)
         out = self.model_output((x * c_in).to(self.dtype), self.sigma_to_t(sigma))
-        parameterization = self.model.parameterization
-        if parameterization == "eps":
-            return x - sigma * out
-        if parameterization == "x0":
-            return out
-        if parameterization == "v":  # v = alpha * eps - sigma_ddpm * x0 (Salimans & Ho 2022)
-            return x * c_in ** 2 - out * sigma * c_in
-        raise ValueError(f"unknown parameterization {parameterization!r}: expected eps, x0 or v")
+        # x = x_t / sqrt(a_t) in sigma space, so x_t = x * c_in and a_t = c_in^2; a 0-dim CPU tensor acts as a
+        # scalar on any device, so no per-step host-to-device copy
+        a_t = torch.tensor(c_in ** 2, dtype=torch.float64)
+        return self.model.prediction.to_x0(x * c_in, out, a_t)
 
 
 # ------------------------------------------------------------------------------------------- schedules

@@ -92,7 +92,7 @@ class DDIMScheduleSampler:
 
     def model_eps(self, x, t, c, unconditional_guidance_scale=1., unconditional_conditioning=None,
                   score_corrector=None, corrector_kwargs=None):
-        """The model's (guided) noise estimate at (x, t); x0-parameterised outputs are converted to eps."""
+        """The model's (guided) noise estimate at (x, t); x0 and v outputs are converted to eps."""
         if unconditional_conditioning is None or unconditional_guidance_scale == 1.:
             out = self.model.apply_model(x, t, c)
         else:
@@ -100,9 +100,9 @@ class DDIMScheduleSampler:
             out_uncond, out_cond = self.model.apply_model(
                 torch.cat([x] * 2), torch.cat([t] * 2), cat_conditioning(unconditional_conditioning, c)).chunk(2)
             out = out_uncond + unconditional_guidance_scale * (out_cond - out_uncond)
-        if self.model.parameterization == "x0":
+        if self.model.prediction.kind != "eps":  # x0 and v outputs: DDIM/PLMS step with the noise they imply
             a_t = extract_into_tensor(self.alphas_cumprod, t, x.shape)
-            out = (x.float() - a_t.sqrt() * out.float()) / (1. - a_t).sqrt()
+            out = self.model.prediction.to_eps(x.float(), out.float(), a_t)
         if score_corrector is not None:
             out = score_corrector.modify_score(self.model, out, x, t, c, **(corrector_kwargs or {}))
         return out
