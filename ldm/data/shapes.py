@@ -238,7 +238,7 @@ CONCEPTS = (
     _concept("blue", "cross", "large", "left", 103),
     _concept("yellow", "triangle", "small", "bottom-right", 104),
     _concept("cyan", "circle", "medium", "centre", 105),
-    _concept("magenta", "square", "small", "right", 106),
+    _concept("magenta", "square", "small", "right", 206),
     _concept("red", "cross", "medium", "top-right", 107),
     _concept("green", "triangle", "medium", "bottom-left", 108),
     _concept("blue", "circle", "large", "right", 109),
