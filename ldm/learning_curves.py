@@ -174,6 +174,10 @@ class LearningCurve(Callback):
         if self.toy_target:
             from evaluation.shapes_eval import parse_target
             text = toy_target_of(self.concept_images) if self.toy_target == "auto" else self.toy_target
+            if not text:
+                rank_zero_info("LearningCurve: the training images share no colour, shape, size or region "
+                               "(toy_target: auto); no learning curve.")
+                return
             self.target_text, self.target = text, parse_target(text)
         else:
             from evaluation.clip_eval import CLIPEvaluator

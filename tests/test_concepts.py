@@ -85,3 +85,49 @@ def test_get_concepts_and_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         shapes_main(["--write_concepts", str(tmp_path / "d"), "--concepts", "purple-blob"])
     assert "purple-blob" in capsys.readouterr().err
+
+
+# --- scripts/benchmark_concepts.py on the shipped toy model ---
+
+TOY_CKPT = ROOT / "models/toy/shapes-ldm.safetensors"
+
+
+def _benchmark(outdir, *extra):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "scripts/benchmark_concepts.py", "--outdir", str(outdir), "--concepts",
+           CONCEPTS[1].name, "--max_steps", "2", "--n_samples", "2", "--ddim_steps", "2", "--curve_every", "1",
+           "--curve_samples", "2", "--curve_ddim_steps", "2", *map(str, extra)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.mark.skipif(not TOY_CKPT.is_file(), reason="the toy model is not in this checkout")
+def test_benchmark_trains_scores_resumes_and_refuses_mixed_settings(tmp_path):
+    import torch
+    out = tmp_path / "bench"
+    recipe = ["--recipe", "configs/toy/finetune-shapes.yaml", "configs/toy/recipes/original.yaml"]
+    first = _benchmark(out, *recipe)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    concept = CONCEPTS[1]
+    result = json.loads((out / concept.name / "result.json").read_text())
+    for key, prompt in (("learned", "a photo of *"), ("init", f"a photo of a {concept.init_word}")):
+        assert result[key]["prompt"] == prompt
+        assert all(0.0 <= result[key][k] <= 1.0 for k in ("colour", "shape", "size", "region", "joint"))
+    assert [h["step"] for h in result["curve"]] == [0, 1, 2]
+    # the recipe overlay was merged: the original's single vector
+    learned = torch.load(Path(result["run"]) / "checkpoints/embeddings.pt", weights_only=True)
+    assert learned["string_to_param"]["*"].shape[0] == 1
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert summary["learned"]["worst"]["concept"] == concept.name
+    assert concept.name in (out / "results.md").read_text()
+    for figure in ("curves.png", "grid.png"):
+        assert Image.open(out / figure).size[0] > 300
+    # run again: the concept is read back, not retrained
+    before = (out / concept.name / "result.json").stat().st_mtime_ns
+    again = _benchmark(out, *recipe)
+    assert again.returncode == 0 and "done before" in again.stdout
+    assert (out / concept.name / "result.json").stat().st_mtime_ns == before
+    # other settings into the same folder: refused, nothing overwritten
+    other = _benchmark(out)
+    assert other.returncode != 0 and "recipe" in other.stderr and "another --outdir" in other.stderr
+    assert (out / concept.name / "result.json").stat().st_mtime_ns == before

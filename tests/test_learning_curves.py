@@ -106,3 +106,13 @@ def tiny_clip_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_clip")
     CLIPModel(config).save_pretrained(folder)
     return folder
+
+
+def test_curves_do_not_change_what_training_learns(tmp_path, concept_dir, tiny_ckpt):
+    import torch
+    learned = []
+    for name, extra in (("with", [f"{CURVE}.params.toy_target=magenta triangle"]),
+                        ("without", [])):  # no scorer: the callback stays idle
+        run, _ = _run(tmp_path / name, concept_dir, tiny_ckpt, *extra, steps=3)
+        learned.append(torch.load(run / "checkpoints/embeddings.pt", weights_only=True)["string_to_param"]["*"])
+    assert torch.equal(*learned)
