@@ -129,19 +129,24 @@ def save_row(images, path, n=8):
     to_pil(make_grid(images[:n], nrow=n, padding=ROW_PADDING)).save(path)
 
 
-def benchmark_concept(opt, model, concept, outdir):
-    """Train, sample and score one concept, or read its result when this benchmark already did it."""
-    folder = outdir / concept.name
-    result_path = folder / "result.json"
-    settings = settings_of(opt)
-    if result_path.is_file():
-        done = json.loads(result_path.read_text())
-        if done["settings"] == settings:
-            print(f"{concept.name}: done before, {result_path}", flush=True)
-            return done
+def previous_result(opt, concept, outdir):
+    """The concept's result from an earlier run of this benchmark with the same settings, or None."""
+    result_path = outdir / concept.name / "result.json"
+    if not result_path.is_file():
+        return None
+    done, settings = json.loads(result_path.read_text()), settings_of(opt)
+    if done["settings"] != settings:
         changed = sorted(k for k in settings if done["settings"].get(k) != settings[k])
         raise SystemExit(f"{result_path} was made with other settings ({', '.join(changed)}): "
                          "give another --outdir, or delete that concept's folder to redo it.")
+    return done
+
+
+def benchmark_concept(opt, model, concept, outdir):
+    """Train, sample and score one concept."""
+    folder = outdir / concept.name
+    result_path = folder / "result.json"
+    settings = settings_of(opt)
     folder.mkdir(parents=True, exist_ok=True)
     data_root = Path(opt.data) / concept.name
     if not data_root.is_dir():
@@ -240,9 +245,16 @@ def main(argv=None):
         raise SystemExit(f"--concepts: {error}")
     outdir = Path(opt.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    model = load_model_from_config(opt.inference_config, opt.ckpt, verbose=False)
     start = time.time()
-    results = [benchmark_concept(opt, model, concept, outdir) for concept in concepts]
+    done = {c.name: previous_result(opt, c, outdir) for c in concepts}  # refuse mixed settings before any work
+    results, model = [], None
+    for concept in concepts:
+        if done[concept.name]:
+            print(f"{concept.name}: done before, {outdir / concept.name / 'result.json'}", flush=True)
+            results.append(done[concept.name])
+            continue
+        model = model or load_model_from_config(opt.inference_config, opt.ckpt, verbose=False)
+        results.append(benchmark_concept(opt, model, concept, outdir))
     summary = summarise(results)
     table = markdown(results, opt, summary)
     (outdir / "results.json").write_text(json.dumps({"settings": settings_of(opt), "summary": summary,

@@ -77,6 +77,10 @@ def test_training_logs_toy_curve_beside_the_image_grids(tmp_path, concept_dir, t
     assert record["prompt"] == "a photo of *" and record["target"] == "magenta triangle top"
     assert [h["step"] for h in record["history"]] == [0, 2, 4]
     assert record["history"][-1]["joint"] == pytest.approx(float(curve[-1]["curve/joint"]))
+    # resumed, the run keeps its curve (the history travels in the checkpoint) and goes on from there
+    entry.main(["-r", str(run), "-t", "--max_steps", "6"])
+    record = json.loads((images / "learning_curve.json").read_text())
+    assert [h["step"] for h in record["history"]] == [0, 2, 4, 6]
 
 
 def test_training_logs_clip_curve(tmp_path, concept_dir, tiny_ckpt, tiny_clip_dir):
