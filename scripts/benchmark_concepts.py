@@ -30,18 +30,25 @@ ATTRIBUTES = ("colour", "shape", "size", "region")
 ROW_PADDING = 2  # between the 32x32 samples of the learned.png / init_word.png rows
 
 
+def repo_path(path):
+    """A path given from the working directory, as the repository's commands see it: relative to the repository
+    root when inside it (so settings and tables read the same from any clone), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", nargs="+", default=[DEFAULT_RECIPE],
+    p.add_argument("--recipe", nargs="+", default=[str(ROOT / DEFAULT_RECIPE)],
                    help="training config(s) for main.py --base, merged left to right")
     p.add_argument("--concepts", default=None, help="comma-separated concept names (default: all, or --quick's)")
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke run: {QUICK_CONCEPTS.count(',') + 1} concepts, {QUICK['max_steps']} steps, "
                         f"{QUICK['n_samples']} samples, unless given")
     p.add_argument("--outdir", default=None, help="default: outputs/benchmark/<last recipe's name>[-quick]")
-    p.add_argument("--data", default="data/concepts", help="concept folders (written here when missing)")
-    p.add_argument("--ckpt", default="models/toy/shapes-ldm.safetensors")
-    p.add_argument("--inference_config", default="configs/toy/txt2img-shapes-inference.yaml")
+    p.add_argument("--data", default=str(ROOT / "data/concepts"), help="concept folders (written here when missing)")
+    p.add_argument("--ckpt", default=str(ROOT / "models/toy/shapes-ldm.safetensors"))
+    p.add_argument("--inference_config", default=str(ROOT / "configs/toy/txt2img-shapes-inference.yaml"))
     p.add_argument("--max_steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=23, help="training seed")
     p.add_argument("--n_samples", type=int, default=None, help="samples per prompt (default 64)")
@@ -61,8 +68,11 @@ def parse_args(argv=None):
     if opt.quick and not opt.concepts:
         opt.concepts = QUICK_CONCEPTS
     if opt.outdir is None:
-        opt.outdir = str(Path("outputs/benchmark") / (Path(opt.recipe[-1]).stem + ("-quick" if opt.quick else "")))
-    bad = [f for f in opt.recipe + [opt.ckpt, opt.inference_config] if not (ROOT / f).is_file() and not Path(f).is_file()]
+        opt.outdir = str(ROOT / "outputs/benchmark" / (Path(opt.recipe[-1]).stem + ("-quick" if opt.quick else "")))
+    opt.recipe = [repo_path(f) for f in opt.recipe]
+    for key in ("outdir", "data", "ckpt", "inference_config"):
+        setattr(opt, key, repo_path(getattr(opt, key)))
+    bad = [f for f in opt.recipe + [opt.ckpt, opt.inference_config] if not (ROOT / f).is_file()]
     if bad:
         p.error(f"not found: {', '.join(bad)} (the recipe is one or more training YAMLs, e.g. {DEFAULT_RECIPE})")
     return opt
@@ -148,7 +158,7 @@ def benchmark_concept(opt, model, concept, outdir):
     result_path = folder / "result.json"
     settings = settings_of(opt)
     folder.mkdir(parents=True, exist_ok=True)
-    data_root = Path(opt.data) / concept.name
+    data_root = ROOT / opt.data / concept.name
     if not data_root.is_dir():
         concept.write(str(data_root))
     print(f"{concept.name}: training ({concept.target}, init word {concept.init_word!r})", flush=True)
@@ -243,7 +253,7 @@ def main(argv=None):
         concepts = get_concepts(opt.concepts)
     except ValueError as error:
         raise SystemExit(f"--concepts: {error}")
-    outdir = Path(opt.outdir)
+    outdir = ROOT / opt.outdir
     outdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     done = {c.name: previous_result(opt, c, outdir) for c in concepts}  # refuse mixed settings before any work
@@ -253,7 +263,7 @@ def main(argv=None):
             print(f"{concept.name}: done before, {outdir / concept.name / 'result.json'}", flush=True)
             results.append(done[concept.name])
             continue
-        model = model or load_model_from_config(opt.inference_config, opt.ckpt, verbose=False)
+        model = model or load_model_from_config(str(ROOT / opt.inference_config), str(ROOT / opt.ckpt), verbose=False)
         results.append(benchmark_concept(opt, model, concept, outdir))
     summary = summarise(results)
     table = markdown(results, opt, summary)
