@@ -46,10 +46,12 @@ def _label(value, step):
     return f"{value:.0f}" if step >= 1 else f"{value:.{max(0, -math.floor(math.log10(step)))}f}"
 
 
-def plot_curves(series, path=None, title="", x_label="step", y_label="", y_range=None, size=(720, 420)):
+def plot_curves(series, path=None, title="", x_label="step", y_label="", y_range=None, size=(720, 420),
+                highlight=None):
     """Draw {label: [(x, y), ...]} as lines with dots on one set of axes, with a legend; -> PIL image.
 
-    Pure PIL (matplotlib is not a dependency). y_range defaults to the data's range; x starts at 0.
+    Pure PIL (matplotlib is not a dependency). y_range defaults to the data's range; x starts at 0. The series
+    named `highlight` is drawn bolder, on top of the others.
     """
     series = {k: sorted(v) for k, v in series.items() if v}
     if not series:
@@ -85,8 +87,9 @@ def plot_curves(series, path=None, title="", x_label="step", y_label="", y_range
     draw.text(((left + right) / 2, 8), title, fill="black", font=font, anchor="mt")
     draw.text(((left + right) / 2, height - 8), x_label, fill="black", font=small, anchor="mb")
     draw.text((6, top - 18), y_label, fill="black", font=small)
-    for k, (label, points) in reversed(list(enumerate(series.items()))):  # the first series on top, bolder
-        colour, line_width = PALETTE[k % len(PALETTE)], 3 if k == 0 else 2
+    order = sorted(enumerate(series.items()), key=lambda item: item[1][0] == highlight)
+    for k, (label, points) in order:
+        colour, line_width = PALETTE[k % len(PALETTE)], 3 if label == highlight else 2
         pixels = [to_px(x, y) for x, y in points]
         if len(pixels) > 1:
             draw.line(pixels, fill=colour, width=line_width)
@@ -228,7 +231,7 @@ class LearningCurve(Callback):
         os.makedirs(folder, exist_ok=True)
         series = {k: [(h["step"], h[k]) for h in self.history] for k in self.history[0] if k != "step"}
         y_range = (0.0, 1.0) if self.toy_target else None
-        plot_curves(series, os.path.join(folder, f"{self.filename}.png"), y_range=y_range,
+        plot_curves(series, os.path.join(folder, f"{self.filename}.png"), y_range=y_range, highlight="joint",
                     title=f"{self.prompt!r} vs {self.target_text}", y_label="match rate" if self.toy_target else
                     "cosine similarity")
         with open(os.path.join(folder, f"{self.filename}.json"), "w") as f:
