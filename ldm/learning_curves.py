@@ -174,6 +174,10 @@ class LearningCurve(Callback):
         self.placeholder = next(iter(manager.string_to_token_dict))
         self.prompt = self.prompt_template.format(self.placeholder)
         self.concept_images = [Image.open(p).convert("RGB") for p in self._training_image_paths(trainer)]
+        if not self.concept_images and (self.toy_target == "auto" or not self.toy_target):
+            rank_zero_info("LearningCurve: the training dataset lists no image files to compare with; "
+                           "no learning curve.")
+            return
         if self.toy_target:
             from evaluation.shapes_eval import parse_target
             text = toy_target_of(self.concept_images) if self.toy_target == "auto" else self.toy_target
@@ -183,8 +187,7 @@ class LearningCurve(Callback):
                 return
             self.target_text, self.target = text, parse_target(text)
         else:
-            from evaluation.clip_eval import CLIPEvaluator
-            self.clip = CLIPEvaluator(self.clip_dir, device=pl_module.device)
+            self.clip = None  # built at the first point, once the model is on its device
             self.target_text = f"CLIP ({os.path.basename(os.path.normpath(self.clip_dir))})"
         self.enabled = True
         rank_zero_info(f"LearningCurve: every {self.every_n_steps} steps, {self.sampling['n_samples']} samples of "
@@ -197,12 +200,13 @@ class LearningCurve(Callback):
         dataset = getattr(dataset, "data", dataset)  # WrappedDataset
         return list(getattr(dataset, "image_paths", []))
 
-    def score(self, images):
+    def score(self, images, device):
         if self.toy_target:
             from evaluation.shapes_eval import evaluate_images
             result = evaluate_images(list(images), self.target)
             return {"joint": result["joint"], **result["rates"]}
-        from evaluation.clip_eval import strip_placeholders
+        from evaluation.clip_eval import CLIPEvaluator, strip_placeholders
+        self.clip = self.clip or CLIPEvaluator(self.clip_dir, device=device)
         return {"clip_img": self.clip.img_to_img_similarity(self.concept_images, images),
                 "clip_txt": self.clip.txt_to_img_similarity(strip_placeholders(self.prompt, [self.placeholder]),
                                                             images)}
@@ -219,7 +223,7 @@ class LearningCurve(Callback):
             images = sample_images(pl_module, self.prompt, **self.sampling)
         if was_training:
             pl_module.train()
-        scores = self.score(images)
+        scores = self.score(images, pl_module.device)
         self.history.append({"step": step, **scores})
         for logger in trainer.loggers:
             logger.log_metrics({f"curve/{k}": v for k, v in scores.items()}, step=step)
