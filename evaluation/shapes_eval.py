@@ -13,7 +13,8 @@ Analysis of one image (resized to the 32x32 frame first):
   (intersection over union), so the apex-up triangle, the plus sign and the circle are told apart
   by their whole geometry rather than one ratio;
 - size: the bounding-box side (the larger of height and width);
-- position: the centroid, and the region of the box centre (top/bottom, left/right halves).
+- position: the centroid, and the regions of the box centre: halves (top/bottom, left/right),
+  quadrants (top-left, ...) and "centre" (within CENTRE_TOLERANCE px of the frame centre on both axes).
 """
 from collections import deque
 
@@ -27,7 +28,10 @@ FOREGROUND_THRESHOLD = 0.5
 MIN_AREA = 4
 LARGE_SIDE = 18
 SMALL_SIDE = 14
-REGIONS = ("top", "bottom", "left", "right")
+MEDIUM_SIDES = (15, 17)  # strictly between small and large
+CENTRE_TOLERANCE = 3
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+REGIONS = ("top", "bottom", "left", "right") + QUADRANTS + ("centre",)
 
 
 def largest_component(mask):
@@ -90,6 +94,10 @@ def analyse_image(image):
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     scores = shape_scores(blob)
     centre_row, centre_col = (top + bottom) / 2, (left + right) / 2
+    halves = {"top": centre_row < CANVAS / 2, "bottom": centre_row > CANVAS / 2,
+              "left": centre_col < CANVAS / 2, "right": centre_col > CANVAS / 2}
+    quadrants = {q: halves[q.split("-")[0]] and halves[q.split("-")[1]] for q in QUADRANTS}
+    centre = max(abs(centre_row - CANVAS / 2), abs(centre_col - CANVAS / 2)) <= CENTRE_TOLERANCE
     return {
         "colour": nearest_colour(pixels[blob].mean(axis=0)),
         "shape": max(scores, key=scores.get),
@@ -98,10 +106,7 @@ def analyse_image(image):
         "width": int(right - left),
         "area": area,
         "centroid": (float(rows.mean()), float(cols.mean())),
-        "region": {
-            "top": centre_row < CANVAS / 2, "bottom": centre_row > CANVAS / 2,
-            "left": centre_col < CANVAS / 2, "right": centre_col > CANVAS / 2,
-        },
+        "region": {**halves, **quadrants, "centre": centre},
         "shape_scores": scores,
     }
 
@@ -128,7 +133,7 @@ def evaluate_images(images, target):
 
     Returns {"n": count, "rates": {attribute: fraction}, "joint": fraction matching every
     attribute, "analyses": per-image analyses}. Attributes: colour, shape, size (min_side and/or
-    max_side), region (one of top, bottom, left, right).
+    max_side), region (one of REGIONS).
     """
     unknown = set(target) - {"colour", "shape", "min_side", "max_side", "region"}
     if unknown:
@@ -147,7 +152,8 @@ def evaluate_images(images, target):
 def parse_target(text):
     """A target dict from words such as "magenta triangle large top".
 
-    "large" means a side of at least 18 px (the demo concept), "small" at most 14 px.
+    "large" means a side of at least 18 px (the demo concept), "medium" 15-17 px, "small" at most 14 px;
+    regions are halves ("top"), quadrants ("top-left") or "centre".
     """
     target = {}
     for word in text.lower().replace(",", " ").split():
@@ -159,9 +165,11 @@ def parse_target(text):
             target["min_side"] = LARGE_SIDE
         elif word == "small":
             target["max_side"] = SMALL_SIDE
+        elif word == "medium":
+            target["min_side"], target["max_side"] = MEDIUM_SIDES
         elif word in REGIONS:
             target["region"] = word
         else:
             raise ValueError(f"Unknown word {word!r} in toy target {text!r}; use colours {list(COLOURS)}, "
-                             f"shapes {list(SHAPES)}, large/small and {list(REGIONS)}")
+                             f"shapes {list(SHAPES)}, small/medium/large and {list(REGIONS)}")
     return target

@@ -13,9 +13,11 @@ bounding box. Example i of a ShapesDataset is a function of (seed, set, i) alone
 the same under any number of loader workers.
 
 `python -m ldm.data.shapes --write_concept data/toy_concept` writes the demo concept: five large
-(side 18-22) magenta triangles at the top of the frame.
+(side 18-22) magenta triangles at the top of the frame. `--write_concepts data/concepts` writes the
+benchmark's concepts (CONCEPTS: every shape, colour, size class and kind of region) and a manifest.
 """
 import argparse
+import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -42,6 +44,14 @@ COLOURS = {
 # A side of 18-22 cannot fit inside 16 rows, so "top" means hugging the top edge, which puts
 # the box centre well inside the top half.
 REGION_MARGIN = 2
+# Sides of the concept images per size class; the evaluator reads small as <= 14, medium 15-17, large >= 18.
+SIZE_CLASSES = {"small": (10, 13), "medium": (15, 17), "large": (18, 22)}
+# Where a region puts the box start on each axis (rows, columns): near the low or high edge, centred, or anywhere.
+REGION_EDGES = {
+    "any": (None, None), "top": ("low", None), "bottom": ("high", None), "left": (None, "low"),
+    "right": (None, "high"), "top-left": ("low", "low"), "top-right": ("low", "high"),
+    "bottom-left": ("high", "low"), "bottom-right": ("high", "high"), "centre": ("centre", "centre"),
+}
 
 
 @dataclass(frozen=True)
@@ -97,8 +107,11 @@ def render(spec, canvas=CANVAS):
 
 
 def _offset(rng, side, canvas, edge):
-    """Box start along one axis: anywhere it fits, or near the `edge` ("low"/"high") when given."""
+    """Box start along one axis: anywhere it fits, near the `edge` ("low"/"high"), or with the box centre
+    within 1 px of the frame centre ("centre")."""
     last = canvas - side
+    if edge == "centre":
+        return int(rng.integers(int(np.ceil((canvas - side) / 2 - 1)), int(np.floor((canvas - side) / 2 + 1)) + 1))
     if edge == "low":
         return int(rng.integers(0, min(REGION_MARGIN, last) + 1))
     if edge == "high":
@@ -107,14 +120,15 @@ def _offset(rng, side, canvas, edge):
 
 
 def random_spec(rng, canvas=CANVAS, side_range=SIDE_RANGE, shape=None, colour=None, region=None):
-    """A random ShapeSpec; fixing shape, colour or region ("top", "bottom", "left", "right")."""
-    if region not in (None, "any", "top", "bottom", "left", "right"):
-        raise ValueError(f"Unknown region {region!r}")
+    """A random ShapeSpec; fixing shape, colour or region (a key of REGION_EDGES)."""
+    if region not in REGION_EDGES and region is not None:
+        raise ValueError(f"Unknown region {region!r}; choose one of {list(REGION_EDGES)}")
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
     side = int(rng.integers(side_range[0], side_range[1] + 1))
-    x0 = _offset(rng, side, canvas, {"left": "low", "right": "high"}.get(region))
-    y0 = _offset(rng, side, canvas, {"top": "low", "bottom": "high"}.get(region))
+    row_edge, col_edge = REGION_EDGES[region or "any"]
+    x0 = _offset(rng, side, canvas, col_edge)
+    y0 = _offset(rng, side, canvas, row_edge)
     return ShapeSpec(shape, colour, side, x0, y0)
 
 
@@ -169,30 +183,118 @@ class ShapesDataset(Dataset):
 
 
 def write_concept(folder, n=5, seed=1234, colour="magenta", shape="triangle", side=(18, 22), region="top"):
-    """Write n PNGs of one concept (by default the demo: a large magenta triangle at the top)."""
+    """Write n distinct PNGs of one concept (by default the demo: a large magenta triangle at the top)."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
-    paths = []
+    paths, seen = [], set()
     for k in range(n):
         spec = random_spec(rng, side_range=side, shape=shape, colour=colour, region=region)
+        for _ in range(100):  # a small shape in a corner has few placements: redraw repeats
+            if spec not in seen:
+                break
+            spec = random_spec(rng, side_range=side, shape=shape, colour=colour, region=region)
+        seen.add(spec)
         path = os.path.join(folder, f"{colour}_{shape}_{k:02d}.png")
         Image.fromarray(render(spec)).save(path)
         paths.append(path)
     return paths
 
 
+@dataclass(frozen=True)
+class Concept:
+    """A benchmark concept: what the five images share. The words can name its shape (the init word) and
+    colour, never its size or region: the learned word has to carry those."""
+    name: str
+    shape: str
+    colour: str
+    size: str
+    region: str
+    seed: int
+
+    @property
+    def init_word(self):
+        return self.shape
+
+    @property
+    def target(self):
+        """The toy evaluator's target (evaluation.shapes_eval.parse_target)."""
+        return f"{self.colour} {self.shape} {self.size} {self.region}"
+
+    def write(self, folder, n=5):
+        return write_concept(folder, n=n, seed=self.seed, colour=self.colour, shape=self.shape,
+                             side=SIZE_CLASSES[self.size], region=self.region)
+
+
+def _concept(colour, shape, size, region, seed):
+    return Concept(f"{colour}-{shape}-{size}-{region}", shape, colour, size, region, seed)
+
+
+# Every shape 3 times, every colour twice, every size class 4 times; all four halves, all four quadrants and
+# the centre. The first is the demo concept (the same five images as data/toy_concept).
+CONCEPTS = (
+    _concept("magenta", "triangle", "large", "top", 1234),
+    _concept("red", "circle", "small", "top-left", 101),
+    _concept("green", "square", "medium", "bottom", 102),
+    _concept("blue", "cross", "large", "left", 103),
+    _concept("yellow", "triangle", "small", "bottom-right", 104),
+    _concept("cyan", "circle", "medium", "centre", 105),
+    _concept("magenta", "square", "small", "right", 206),
+    _concept("red", "cross", "medium", "top-right", 107),
+    _concept("green", "triangle", "medium", "bottom-left", 108),
+    _concept("blue", "circle", "large", "right", 109),
+    _concept("yellow", "cross", "small", "centre", 110),
+    _concept("cyan", "square", "large", "bottom", 111),
+)
+
+
+def get_concepts(names=None):
+    """CONCEPTS, or those named (a list or a comma-separated string), in the order given."""
+    if not names:
+        return list(CONCEPTS)
+    by_name = {c.name: c for c in CONCEPTS}
+    names = names.split(",") if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"Unknown concept(s) {unknown}; the benchmark's concepts are {list(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def write_concepts(root, names=None, n=5):
+    """Write each concept's n images to root/<name>/ and a manifest root/concepts.json (init words, targets)."""
+    os.makedirs(root, exist_ok=True)
+    manifest = {}
+    for concept in get_concepts(names):
+        concept.write(os.path.join(root, concept.name), n=n)
+        manifest[concept.name] = {"init_word": concept.init_word, "target": concept.target, "shape": concept.shape,
+                                  "colour": concept.colour, "size": concept.size, "region": concept.region,
+                                  "sides": list(SIZE_CLASSES[concept.size]), "seed": concept.seed}
+    with open(os.path.join(root, "concepts.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Toy shapes world utilities")
-    parser.add_argument("--write_concept", metavar="FOLDER", required=True,
-                        help="write the images of a concept to FOLDER")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--write_concept", metavar="FOLDER", help="write the images of one concept to FOLDER")
+    what.add_argument("--write_concepts", metavar="ROOT",
+                      help="write every benchmark concept to ROOT/<name>/, with ROOT/concepts.json")
+    parser.add_argument("--concepts", default=None, help="with --write_concepts: only these (comma-separated)")
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--colour", default="magenta", choices=list(COLOURS))
     parser.add_argument("--shape", default="triangle", choices=SHAPES)
     parser.add_argument("--min_side", type=int, default=18)
     parser.add_argument("--max_side", type=int, default=22)
-    parser.add_argument("--region", default="top", choices=["any", "top", "bottom", "left", "right"])
+    parser.add_argument("--region", default="top", choices=list(REGION_EDGES))
     opt = parser.parse_args(argv)
+    if opt.write_concepts:
+        try:
+            manifest = write_concepts(opt.write_concepts, opt.concepts, n=opt.n)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"Wrote {len(manifest)} concepts of {opt.n} images each to {opt.write_concepts}")
+        return
     paths = write_concept(opt.write_concept, n=opt.n, seed=opt.seed, colour=opt.colour, shape=opt.shape,
                           side=(opt.min_side, opt.max_side), region=opt.region)
     print(f"Wrote {len(paths)} images to {opt.write_concept}")

@@ -1,0 +1,281 @@
+"""Concept benchmark: textual inversion of every toy concept with one recipe, scored by the toy evaluator.
+
+    python scripts/benchmark_concepts.py                       # all 12 concepts, the shipped recipe
+    python scripts/benchmark_concepts.py --quick               # 3 concepts, 300 steps, 32 samples: a smoke run
+    python scripts/benchmark_concepts.py --recipe configs/toy/finetune-shapes.yaml configs/toy/recipes/original.yaml
+
+For each concept of ldm.data.shapes.CONCEPTS (data/concepts/<name>/, written if missing): `main.py` learns `*`
+from its five images starting from its shape's word (the recipe's configs, merged left to right, plus any
+`key=value` overrides; a fixed training seed) with the learning-curve callback on; then "a photo of *" and
+"a photo of a <shape>" are sampled (fixed seeds) and the samples scored against the concept's target (colour,
+shape, size class, region). Per-concept results land in OUTDIR/<concept>/result.json as they are done, so an
+interrupted benchmark run again with the same options carries on (a half-trained concept resumes from its
+last checkpoint); OUTDIR/results.json, results.md (tables), curves.png (every concept's joint rate vs step)
+and grid.png (concept images | init word | learned word) sum it up.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_RECIPE = "configs/toy/finetune-shapes.yaml"
+QUICK_CONCEPTS = "magenta-triangle-large-top,red-circle-small-top-left,cyan-circle-medium-centre"
+QUICK = dict(max_steps=300, n_samples=32, curve_every=50)
+ATTRIBUTES = ("colour", "shape", "size", "region")
+ROW_PADDING = 2  # between the 32x32 samples of the learned.png / init_word.png rows
+
+
+def repo_path(path):
+    """A path given from the working directory, as the repository's commands see it: relative to the repository
+    root when inside it (so settings and tables read the same from any clone), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", nargs="+", default=[str(ROOT / DEFAULT_RECIPE)],
+                   help="training config(s) for main.py --base, merged left to right")
+    p.add_argument("--concepts", default=None, help="comma-separated concept names (default: all, or --quick's)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke run: {QUICK_CONCEPTS.count(',') + 1} concepts, {QUICK['max_steps']} steps, "
+                        f"{QUICK['n_samples']} samples, unless given")
+    p.add_argument("--outdir", default=None, help="default: outputs/benchmark/<last recipe's name>[-quick]")
+    p.add_argument("--data", default=str(ROOT / "data/concepts"), help="concept folders (written here when missing)")
+    p.add_argument("--ckpt", default=str(ROOT / "models/toy/shapes-ldm.safetensors"))
+    p.add_argument("--inference_config", default=str(ROOT / "configs/toy/txt2img-shapes-inference.yaml"))
+    p.add_argument("--max_steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=23, help="training seed")
+    p.add_argument("--n_samples", type=int, default=None, help="samples per prompt (default 64)")
+    p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--scale", type=float, default=10.0, help="classifier-free guidance scale for sampling")
+    p.add_argument("--sample_seed", type=int, default=42)
+    p.add_argument("--curve_every", type=int, default=None, help="learning-curve interval in steps (default 100)")
+    p.add_argument("--curve_samples", type=int, default=8)
+    p.add_argument("--curve_ddim_steps", type=int, default=10)
+    p.add_argument("overrides", nargs="*", help="config overrides for main.py, e.g. model.base_learning_rate=0.01")
+    opt = p.parse_args(argv)
+    for key, quick in QUICK.items():
+        if getattr(opt, key) is None and opt.quick:
+            setattr(opt, key, quick)
+    opt.n_samples = opt.n_samples or 64
+    opt.curve_every = opt.curve_every or 100
+    if opt.quick and not opt.concepts:
+        opt.concepts = QUICK_CONCEPTS
+    if opt.outdir is None:
+        opt.outdir = str(ROOT / "outputs/benchmark" / (Path(opt.recipe[-1]).stem + ("-quick" if opt.quick else "")))
+    opt.recipe = [repo_path(f) for f in opt.recipe]
+    for key in ("outdir", "data", "ckpt", "inference_config"):
+        setattr(opt, key, repo_path(getattr(opt, key)))
+    bad = [f for f in opt.recipe + [opt.ckpt, opt.inference_config] if not (ROOT / f).is_file()]
+    if bad:
+        p.error(f"not found: {', '.join(bad)} (the recipe is one or more training YAMLs, e.g. {DEFAULT_RECIPE})")
+    return opt
+
+
+def settings_of(opt):
+    """What a concept's result depends on: results made with other settings are never mixed in."""
+    keys = ("recipe", "overrides", "ckpt", "max_steps", "seed", "n_samples", "ddim_steps", "scale", "sample_seed",
+            "curve_every", "curve_samples", "curve_ddim_steps")
+    return {k: getattr(opt, k) for k in keys}
+
+
+def run(cmd, log_path):
+    """Run a command from the repository root, its output appended to log_path; raise with the log's tail."""
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(map(str, cmd))}\n")
+        log.flush()
+        code = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = "".join(Path(log_path).read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"{tail}\nthe command above failed (exit {code}); full log: {log_path}")
+
+
+def runs_in(logdir):
+    return sorted((p for p in Path(logdir).glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime) \
+        if Path(logdir).is_dir() else []
+
+
+def train(opt, concept, folder, data_root):
+    """main.py on one concept; resumes an interrupted run of this benchmark. -> (run folder, seconds)."""
+    logdir = folder / "logs"
+    curve = "lightning.callbacks.learning_curve"
+    partial = [r for r in runs_in(logdir) if (r / "checkpoints" / "last.ckpt").is_file()]
+    cmd = [sys.executable, "main.py", "--accelerator", "cpu", "--no-test", "true"]
+    if partial:
+        print(f"  resuming the interrupted training in {partial[-1]}", flush=True)
+        cmd += ["-r", partial[-1]]
+    else:
+        cmd += ["--base", *opt.recipe, "-t", "--actual_resume", opt.ckpt, "--data_root", data_root,
+                "--init_word", concept.init_word, "-n", concept.name, "-l", logdir, "--seed", opt.seed,
+                "--datadir_in_name", "false",
+                f"{curve}.target=ldm.learning_curves.LearningCurve", f"{curve}.params.toy_target={concept.target}",
+                f"{curve}.params.every_n_steps={opt.curve_every}", f"{curve}.params.n_samples={opt.curve_samples}",
+                f"{curve}.params.ddim_steps={opt.curve_ddim_steps}", f"{curve}.params.scale={opt.scale}",
+                *opt.overrides]
+    if opt.max_steps:
+        cmd += ["--max_steps", opt.max_steps]
+    start = time.time()
+    run(cmd, folder / "train.log")
+    return runs_in(logdir)[-1], time.time() - start
+
+
+def score(model, concept, prompt, opt):
+    from evaluation import sample_images
+    from evaluation.shapes_eval import evaluate_images, parse_target
+    images = sample_images(model, prompt, opt.n_samples, ddim_steps=opt.ddim_steps, scale=opt.scale,
+                           seed=opt.sample_seed, batch_size=64)
+    result = evaluate_images(list(images), parse_target(concept.target))
+    return {"prompt": prompt, **result["rates"], "joint": result["joint"]}, images
+
+
+def save_row(images, path, n=8):
+    from ldm.util import make_grid, to_pil
+    to_pil(make_grid(images[:n], nrow=n, padding=ROW_PADDING)).save(path)
+
+
+def previous_result(opt, concept, outdir):
+    """The concept's result from an earlier run of this benchmark with the same settings, or None."""
+    result_path = outdir / concept.name / "result.json"
+    if not result_path.is_file():
+        return None
+    done, settings = json.loads(result_path.read_text()), settings_of(opt)
+    if done["settings"] != settings:
+        changed = sorted(k for k in settings if done["settings"].get(k) != settings[k])
+        raise SystemExit(f"{result_path} was made with other settings ({', '.join(changed)}): "
+                         "give another --outdir, or delete that concept's folder to redo it.")
+    return done
+
+
+def benchmark_concept(opt, model, concept, outdir):
+    """Train, sample and score one concept."""
+    folder = outdir / concept.name
+    result_path = folder / "result.json"
+    settings = settings_of(opt)
+    folder.mkdir(parents=True, exist_ok=True)
+    data_root = ROOT / opt.data / concept.name
+    if not data_root.is_dir():
+        concept.write(str(data_root))
+    print(f"{concept.name}: training ({concept.target}, init word {concept.init_word!r})", flush=True)
+    run_dir, train_s = train(opt, concept, folder, data_root)
+    model.embedding_manager.load([str(run_dir / "checkpoints" / "embeddings.pt")], placeholder_strings=["*"])
+    start = time.time()
+    learned, learned_images = score(model, concept, "a photo of *", opt)
+    init, init_images = score(model, concept, f"a photo of a {concept.init_word}", opt)
+    save_row(learned_images, folder / "learned.png")
+    save_row(init_images, folder / "init_word.png")
+    curve_path = run_dir / "images" / "learning_curve.json"
+    curve = json.loads(curve_path.read_text())["history"] if curve_path.is_file() else []
+    result = {"concept": concept.name, "target": concept.target, "init_word": concept.init_word,
+              "data_root": str(data_root),
+              "learned": learned, "init": init, "curve": curve, "run": str(run_dir),
+              "seconds": {"train": round(train_s, 1), "sample": round(time.time() - start, 1)},
+              "settings": settings}
+    result_path.write_text(json.dumps(result, indent=2))
+    print(f"  learned {fmt_rates(learned)}\n  init    {fmt_rates(init)}", flush=True)
+    return result
+
+
+def fmt_rates(r):
+    return "  ".join(f"{k} {r[k]:.2f}" for k in ATTRIBUTES + ("joint",))
+
+
+def markdown(results, opt, summary):
+    def pct(x):
+        return f"{100 * x:.0f}%"
+    head = "| concept | " + " | ".join(ATTRIBUTES) + " | joint |\n|---|" + "---|" * (len(ATTRIBUTES) + 1) + "\n"
+    lines = [f"Recipe: `{' '.join(opt.recipe)}`" + (f" + `{' '.join(opt.overrides)}`" if opt.overrides else ""),
+             f"training steps: {opt.max_steps or 'the recipe’s'}, seed {opt.seed}; sampling {opt.n_samples} per "
+             f"prompt, DDIM {opt.ddim_steps}, guidance {opt.scale}, seed {opt.sample_seed}", ""]
+    for key, title in (("learned", "`a photo of *`"), ("init", "`a photo of a <shape>` (the init word)")):
+        lines += [title, "", head.rstrip("\n")]
+        for r in results:
+            lines.append(f"| {r['concept']} | " + " | ".join(pct(r[key][a]) for a in ATTRIBUTES)
+                         + f" | {pct(r[key]['joint'])} |")
+        mean = summary[key]["mean"]
+        lines.append("| **mean** | " + " | ".join(pct(mean[a]) for a in ATTRIBUTES) + f" | **{pct(mean['joint'])}** |")
+        lines.append("")
+    worst = summary["learned"]["worst"]
+    lines.append(f"Worst concept (learned word): {worst['concept']} at {pct(worst['joint'])} joint.")
+    return "\n".join(lines) + "\n"
+
+
+def summarise(results):
+    summary = {}
+    for key in ("learned", "init"):
+        mean = {a: sum(r[key][a] for r in results) / len(results) for a in ATTRIBUTES + ("joint",)}
+        worst = min(results, key=lambda r: r[key]["joint"])
+        summary[key] = {"mean": mean, "worst": {"concept": worst["concept"], "joint": worst[key]["joint"]}}
+    return summary
+
+
+def write_figures(results, outdir, n_samples=6, scale=2):
+    """curves.png: every concept's joint rate vs step; grid.png: per concept, its images | init word | learned."""
+    from PIL import Image, ImageDraw
+    from ldm.data.personalized import list_images
+    from ldm.learning_curves import plot_curves
+    from ldm.util import load_font
+    curves = {r["concept"]: [(h["step"], h["joint"]) for h in r["curve"]] for r in results if r["curve"]}
+    if curves:
+        plot_curves(curves, outdir / "curves.png", title="joint match rate of 'a photo of *' during training",
+                    y_label="joint rate", y_range=(0, 1), size=(980, 460))
+    cell, label_width, gap = 32 * scale + 2, 250, 12
+    width = label_width + (5 + 2 * n_samples) * cell + 2 * gap
+    grid = Image.new("RGB", (width, 24 + len(results) * cell), (40, 40, 40))
+    draw, font = ImageDraw.Draw(grid), load_font(13)
+    for x, title in ((label_width, "concept images"), (label_width + 5 * cell + gap, "a photo of a <shape>"),
+                     (label_width + (5 + n_samples) * cell + 2 * gap, "a photo of *")):
+        draw.text((x, 5), title, fill="white", font=font)
+    for i, r in enumerate(results):
+        y = 24 + i * cell
+        draw.text((6, y + cell // 2), r["concept"], fill="white", font=font, anchor="lm")
+        tiles = [Image.open(p).convert("RGB") for p in list_images(r["data_root"])[:5]]
+        for key in ("init_word", "learned"):
+            row = Image.open(outdir / r["concept"] / f"{key}.png").convert("RGB")
+            pitch, pad = 32 + ROW_PADDING, ROW_PADDING
+            tiles += [row.crop((k * pitch + pad, pad, k * pitch + pad + 32, pad + 32)) for k in range(n_samples)]
+        for k, tile in enumerate(tiles):
+            x = label_width + k * cell + gap * ((k >= 5) + (k >= 5 + n_samples))
+            grid.paste(tile.resize((32 * scale, 32 * scale), Image.Resampling.NEAREST), (x, y))
+    grid.save(outdir / "grid.png")
+
+
+def main(argv=None):
+    opt = parse_args(argv)
+    from ldm.checkpoint import load_model_from_config
+    from ldm.data.shapes import get_concepts
+    try:
+        concepts = get_concepts(opt.concepts)
+    except ValueError as error:
+        raise SystemExit(f"--concepts: {error}")
+    outdir = ROOT / opt.outdir
+    outdir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    done = {c.name: previous_result(opt, c, outdir) for c in concepts}  # refuse mixed settings before any work
+    results, model = [], None
+    for concept in concepts:
+        if done[concept.name]:
+            print(f"{concept.name}: done before, {outdir / concept.name / 'result.json'}", flush=True)
+            results.append(done[concept.name])
+            continue
+        model = model or load_model_from_config(str(ROOT / opt.inference_config), str(ROOT / opt.ckpt), verbose=False)
+        results.append(benchmark_concept(opt, model, concept, outdir))
+    summary = summarise(results)
+    table = markdown(results, opt, summary)
+    (outdir / "results.json").write_text(json.dumps({"settings": settings_of(opt), "summary": summary,
+                                                     "concepts": results}, indent=2))
+    (outdir / "results.md").write_text(table)
+    write_figures(results, outdir)
+    print("\n" + table)
+    print(f"written: {outdir / 'results.md'}, {outdir / 'results.json'}, {outdir / 'curves.png'}; "
+          f"{time.time() - start:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
