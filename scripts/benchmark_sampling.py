@@ -55,9 +55,10 @@ def ours_sampler(model, config, device, prompt, batch_size, precision):
 
 def diffusers_sampler(model, config, device, prompt, batch_size, precision):
     from diffusers import DDIMScheduler
-    unet, _, text_encoder = bt.diffusers_modules(model, config)
+    unet, vae, text_encoder = bt.diffusers_modules(model, config)
     dtype = bt.DTYPES[precision]  # a pipeline loaded with torch_dtype runs its modules in that dtype
     unet, text_encoder = unet.to(device, dtype).eval(), text_encoder.to(device, dtype).eval()
+    vae = vae.to(device, dtype)  # not run in the loop, but a pipeline holds it, as our model holds its first stage
     tokenizer = model.cond_stage_model.tokenizer
     p = config.model.params
     scheduler = DDIMScheduler(num_train_timesteps=p.timesteps, beta_start=p.linear_start, beta_end=p.linear_end,
@@ -84,6 +85,7 @@ def diffusers_sampler(model, config, device, prompt, batch_size, precision):
             latents = scheduler.step(noise_pred, t, latents).prev_sample
         return latents
 
+    sample.vae = vae
     return sample
 
 
