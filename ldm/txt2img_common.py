@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import time
+import warnings
 from contextlib import nullcontext
 from itertools import islice
 
@@ -126,6 +127,17 @@ def prompt_to_filename(prompt, default):
     return re.sub(r"[^A-Za-z0-9_]+", "-", prompt).strip("-")[:100] or default
 
 
+def warn_lost_placeholders(model, prompts):
+    """Warn when a prompt writes a concept that its tokenization hides (e.g. '*,' is one CLIP token)."""
+    manager = getattr(model, "embedding_manager", None)
+    if not hasattr(manager, "names_lost_in"):
+        return
+    for prompt in sorted(prompts):
+        for name in manager.names_lost_in(prompt):
+            warnings.warn(f"In the prompt {prompt!r}, {name!r} merges with the characters next to it into another "
+                          f"token, so the learned concept is not used there: put spaces around {name!r}.")
+
+
 def precision_scope(opt):
     if opt.precision != "autocast":
         return nullcontext()
@@ -151,6 +163,7 @@ def main(parser, argv=None):
         start_code = torch.randn([opt.n_samples, *shape], generator=generator).to(opt.device)
 
     batches = prompt_batches(opt)
+    warn_lost_placeholders(model, {prompt for prompts in batches for prompt in prompts})
     written, all_samples = [], []
     tic = time.time()
     with torch.no_grad(), precision_scope(opt), model.ema_scope():

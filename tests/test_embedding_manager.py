@@ -411,3 +411,13 @@ def test_load_refuses_another_width(clip, tmp_path):
     with pytest.raises(EmbeddingFamilyError, match=r"sd1.pt is SD v1 \(CLIP ViT-L, 768\); this model is an unknown "
                                                    r"family \(32 wide\)"):
         EmbeddingManager(clip, ["*"]).load(path)
+
+
+def test_placeholder_merged_with_punctuation_is_reported(clip):
+    """CLIP's BPE reads '*,' as one token (41895): the prompt shows '*' but the model never sees the placeholder."""
+    manager = EmbeddingManager(clip, ["*"], ["dog"])
+    assert clip.string_to_token_ids("*,") != clip.string_to_token_ids("* ,")
+    assert manager.names_lost_in("a photo of *, at night") == ["*"]
+    assert manager.names_lost_in("a photo of * , at night") == []
+    assert manager.names_lost_in("a photo of *") == []
+    assert manager.names_lost_in("a photo of a dog") == []

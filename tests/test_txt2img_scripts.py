@@ -92,6 +92,10 @@ def test_embedding_file_is_loaded_and_changes_the_images(tmp_path, tiny_args, ti
     assert np.array_equal(pixels(learned[0]), pixels(renamed[0]))
     with pytest.raises(SystemExit, match="Could not load embeddings"):
         stable_txt2img.main(args + ["--embedding_path", str(embedding), "--placeholder_string", "a", "b"])
+    # '*,' is one CLIP token: the concept would silently not be used
+    with pytest.warns(UserWarning, match=r"'\*' merges with the characters next to it"):
+        stable_txt2img.main(tiny_args + ["--prompt", "a photo of *, at night", "--skip_grid", "--embedding_path",
+                                         str(embedding)])
 
 
 @pytest.mark.parametrize("flag,path,message", [

@@ -113,6 +113,20 @@ class EmbeddingManager(nn.Module):
         self._placeholder_ids = torch.tensor([int(t) for t in self.string_to_token_dict.values()], device=device)
         self._vector_counts = torch.tensor([p.shape[0] for p in self.string_to_param_dict.values()], device=device)
 
+    def names_lost_in(self, text):
+        """Concepts written in `text` whose tokens are not in its tokenization, so the prompt will not use them.
+
+        CLIP's BPE merges a placeholder with the punctuation after it ("*," is one token, 41895, not "*" and ","),
+        exactly as in the original; the user sees `*` in the prompt but the model never sees the placeholder.
+        """
+        ids = tuple(self._token_ids_of(text))
+        lost = []
+        for string, seq in self._token_sequences().items():
+            n = len(seq)
+            if string in text and not any(ids[i:i + n] == seq for i in range(len(ids) - n + 1)):
+                lost.append(string)
+        return lost
+
     @property
     def max_vectors_per_token(self):
         return max((p.shape[0] for p in self.string_to_param_dict.values()), default=1)
