@@ -97,6 +97,10 @@ def check_inputs(opt):
 
 def load_model(opt):
     model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device=opt.device, verbose=False)
+    unet = model.model.diffusion_model
+    if autocast_dtype(opt) is not None and hasattr(unet, "convert_torso"):
+        # stored in the autocast dtype, the frozen UNet is not re-cast weight by weight at every sampling step
+        unet.convert_torso(autocast_dtype(opt))
     if opt.embedding_path:
         try:
             load_embeddings(model, opt.embedding_path, opt.placeholder_string, opt.config)
@@ -138,11 +142,16 @@ def warn_lost_placeholders(model, prompts):
                           f"token, so the learned concept is not used there: put spaces around {name!r}.")
 
 
-def precision_scope(opt):
+def autocast_dtype(opt):
+    """bfloat16 on CPUs, float16 on GPUs; None without --precision autocast."""
     if opt.precision != "autocast":
-        return nullcontext()
-    device_type = torch.device(opt.device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16 if device_type == "cpu" else torch.float16)
+        return None
+    return torch.bfloat16 if torch.device(opt.device).type == "cpu" else torch.float16
+
+
+def precision_scope(opt):
+    dtype = autocast_dtype(opt)
+    return nullcontext() if dtype is None else torch.autocast(torch.device(opt.device).type, dtype=dtype)
 
 
 def main(parser, argv=None):

@@ -73,6 +73,19 @@ def test_plms_fixed_code_prompts_from_file_and_autocast(tmp_path, tiny_args):
     assert all(pixels(p).shape == (32, 32, 3) for p in written[:3])
 
 
+@pytest.mark.parametrize("precision,dtype", [("autocast", torch.bfloat16), ("full", torch.float32)])
+def test_autocast_stores_the_frozen_unet_in_its_dtype(tiny_args, precision, dtype):
+    """Under --precision autocast the UNet's convs and linears are kept in bf16 (CPU), not re-cast at every step."""
+    from ldm.txt2img_common import build_parser, load_model
+    opt = build_parser("test").parse_args(tiny_args[:4] + ["--device", "cpu", "--precision", precision])
+    unet = load_model(opt).model.diffusion_model
+    torso = [m for part in (unet.input_blocks, unet.middle_block, unet.output_blocks) for m in part.modules()]
+    convs = [m for m in torso if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in torso if isinstance(m, torch.nn.GroupNorm)]
+    assert convs and all(m.weight.dtype == dtype for m in convs)
+    assert all(m.weight.dtype == torch.float32 for m in norms)
+
+
 def test_embedding_file_is_loaded_and_changes_the_images(tmp_path, tiny_args, tiny_config):
     from conftest import build_tiny_model
     model = build_tiny_model(tiny_config)
