@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--curve_every", type=int, default=None, help="learning-curve interval in steps (default 100)")
     p.add_argument("--curve_samples", type=int, default=8)
     p.add_argument("--curve_ddim_steps", type=int, default=10)
+    p.add_argument("--init_cache", default="outputs/benchmark/init-word-cache",
+                   help="where the init word's scores are kept: they do not depend on the recipe, so every recipe "
+                        "after the first reuses them ('' to always sample)")
     p.add_argument("overrides", nargs="*", help="config overrides for main.py, e.g. model.base_learning_rate=0.01")
     opt = p.parse_args(argv)
     for key, quick in QUICK.items():
@@ -139,6 +142,32 @@ def save_row(images, path, n=8):
     to_pil(make_grid(images[:n], nrow=n, padding=ROW_PADDING)).save(path)
 
 
+def init_word_score(model, concept, opt, folder):
+    """Score "a photo of a <shape>": the base model alone draws it, so the result depends on the checkpoint, the
+    inference config and the sampling settings but not on the recipe, and is kept in --init_cache for the next
+    recipe. -> the rates, with init_word.png written to folder."""
+    import hashlib
+    import shutil
+    prompt = f"a photo of a {concept.init_word}"
+    key = {"ckpt_sha256": hashlib.sha256((ROOT / opt.ckpt).read_bytes()).hexdigest(),
+           "inference_config": (ROOT / opt.inference_config).read_text(), "prompt": prompt,
+           "target": concept.target, **{k: getattr(opt, k) for k in ("n_samples", "ddim_steps", "scale",
+                                                                      "sample_seed")}}
+    cache = ROOT / opt.init_cache / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] \
+        if opt.init_cache else None
+    if cache and (cache / "result.json").is_file() and (cache / "init_word.png").is_file():
+        shutil.copyfile(cache / "init_word.png", folder / "init_word.png")
+        print(f"  init word: scored before, {cache}", flush=True)
+        return json.loads((cache / "result.json").read_text())["rates"]
+    rates, images = score(model, concept, prompt, opt)
+    save_row(images, folder / "init_word.png")
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / "init_word.png", cache / "init_word.png")
+        (cache / "result.json").write_text(json.dumps({"key": key, "rates": rates}, indent=2))
+    return rates
+
+
 def previous_result(opt, concept, outdir):
     """The concept's result from an earlier run of this benchmark with the same settings, or None."""
     result_path = outdir / concept.name / "result.json"
@@ -166,9 +195,8 @@ def benchmark_concept(opt, model, concept, outdir):
     model.embedding_manager.load([str(run_dir / "checkpoints" / "embeddings.pt")], placeholder_strings=["*"])
     start = time.time()
     learned, learned_images = score(model, concept, "a photo of *", opt)
-    init, init_images = score(model, concept, f"a photo of a {concept.init_word}", opt)
     save_row(learned_images, folder / "learned.png")
-    save_row(init_images, folder / "init_word.png")
+    init = init_word_score(model, concept, opt, folder)
     curve_path = run_dir / "images" / "learning_curve.json"
     curve = json.loads(curve_path.read_text())["history"] if curve_path.is_file() else []
     result = {"concept": concept.name, "target": concept.target, "init_word": concept.init_word,

@@ -97,7 +97,8 @@ def _benchmark(outdir, *extra):
     import sys
     cmd = [sys.executable, "scripts/benchmark_concepts.py", "--outdir", str(outdir), "--concepts",
            CONCEPTS[1].name, "--max_steps", "2", "--n_samples", "2", "--ddim_steps", "2", "--curve_every", "1",
-           "--curve_samples", "2", "--curve_ddim_steps", "2", *map(str, extra)]
+           "--curve_samples", "2", "--curve_ddim_steps", "2", "--init_cache", str(Path(outdir).parent / "init-cache"),
+           *map(str, extra)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
 
 
@@ -127,6 +128,13 @@ def test_benchmark_trains_scores_resumes_and_refuses_mixed_settings(tmp_path):
     again = _benchmark(out, *recipe)
     assert again.returncode == 0 and "done before" in again.stdout
     assert (out / concept.name / "result.json").stat().st_mtime_ns == before
+    # another recipe in its own folder: it trains, but the init word's score (recipe-independent) is read back
+    second = _benchmark(tmp_path / "bench-shipped")
+    assert second.returncode == 0 and "init word: scored before" in second.stdout, second.stdout[-3000:]
+    reread = json.loads((tmp_path / "bench-shipped" / concept.name / "result.json").read_text())
+    assert reread["init"] == result["init"] and reread["learned"]["prompt"] == "a photo of *"
+    assert (tmp_path / "bench-shipped" / concept.name / "init_word.png").read_bytes() == \
+        (out / concept.name / "init_word.png").read_bytes()
     # other settings into the same folder: refused, nothing overwritten
     other = _benchmark(out)
     assert other.returncode != 0 and "recipe" in other.stderr and "another --outdir" in other.stderr
