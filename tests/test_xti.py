@@ -211,6 +211,11 @@ def test_ordinary_readers_refuse_an_xti_file(model, tmp_path, capsys):
     ordinary = model.embedding_manager.save(str(tmp_path / "ordinary.pt"))
     assert convert.main(["--input", ordinary, "--output", str(tmp_path / "k.pt"), "--to", "kohya-xti"]) == 1
     assert "holds one vector set for all layers" in capsys.readouterr().err
+    import merge_embeddings
+    merged = tmp_path / "merged.pt"
+    assert merge_embeddings.main(["--manager_ckpts", ordinary, path, "--output_path", str(merged),
+                                  "--on_clash", "skip"]) == 1
+    assert "xti.pt is an extended textual inversion" in capsys.readouterr().err and not merged.exists()
 
 
 def test_xti_file_for_another_unet_is_refused(model, tmp_path):
