@@ -261,3 +261,23 @@ def test_main_trains_per_layer_vectors_and_the_scripts_sample_them(tmp_path, tin
     plain = stable_txt2img.main(args)
     learned = stable_txt2img.main(args + ["--embedding_path", path])
     assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(learned[0])))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "models/toy/shapes-ldm.safetensors").is_file(), reason="no toy model here")
+def test_benchmark_trains_and_scores_the_xti_recipe(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "scripts/benchmark_concepts.py", "--outdir", str(out), "--concepts",
+           "blue-circle-large-right", "--max_steps", "2", "--n_samples", "2", "--ddim_steps", "2", "--curve_every",
+           "1", "--curve_samples", "2", "--curve_ddim_steps", "2",
+           "--recipe", "configs/toy/finetune-shapes.yaml", "configs/toy/recipes/xti.yaml"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "blue-circle-large-right" / "result.json").read_text())
+    assert [h["step"] for h in result["curve"]] == [0, 1, 2]  # the learning curve sampled the per-layer word
+    xti = read_xti_file(Path(result["run"]) / "checkpoints/embeddings.pt")
+    assert xti.layers == ("IN01", "IN03", "MID", "OUT00", "OUT01", "OUT02", "OUT03")
+    assert xti.vectors["*"].shape == (7, 48, 64)
