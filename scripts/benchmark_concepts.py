@@ -183,6 +183,7 @@ def previous_result(opt, concept, outdir):
 
 def benchmark_concept(opt, model, concept, outdir):
     """Train, sample and score one concept."""
+    from ldm.modules.embedding_io import load_embeddings
     folder = outdir / concept.name
     result_path = folder / "result.json"
     settings = settings_of(opt)
@@ -192,7 +193,7 @@ def benchmark_concept(opt, model, concept, outdir):
         concept.write(str(data_root))
     print(f"{concept.name}: training ({concept.target}, init word {concept.init_word!r})", flush=True)
     run_dir, train_s = train(opt, concept, folder, data_root)
-    model.embedding_manager.load([str(run_dir / "checkpoints" / "embeddings.pt")], placeholder_strings=["*"])
+    load_embeddings(model, [str(run_dir / "checkpoints" / "embeddings.pt")], ["*"])  # XTI files too
     start = time.time()
     learned, learned_images = score(model, concept, "a photo of *", opt)
     save_row(learned_images, folder / "learned.png")

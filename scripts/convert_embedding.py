@@ -10,22 +10,32 @@ SD 2.x 1024, LDM-1.4B 1280, SDXL clip_l 768 + clip_g 1280); --model_family refus
 family. SDXL files convert between official, a1111-safetensors, kohya and a1111-png (AUTOMATIC1111's .pt and
 diffusers' one-tensor file have no SDXL layout; diffusers reads the a1111-safetensors file, one key per text
 encoder). --name renames the concept (one-concept files only).
+An XTI (per-layer, P+) embedding converts between our official layout and kohya's (--to kohya-xti,
+{layer name: [n, d]}); ordinary formats refuse it (docs/method.md).
 """
 import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ldm.modules.embedding_io import (  # noqa: E402
-    FAMILY_NAMES, FAMILY_TOKENIZERS, FORMATS, check_tokenizer, load_embedding_file, save_embedding_file,
-    single_token_lookup,
+    FAMILY_NAMES, FAMILY_TOKENIZERS, FORMATS, check_family, check_tokenizer, describe_widths, load_embedding_file,
+    save_embedding_file, single_token_lookup,
 )
+from ldm.modules.xti import XTI_FORMATS, describe_xti, read_xti_file, save_xti_file  # noqa: E402
 
 
 def convert(input_path, output_path, to, name=None, tokenizer=None, model_family=None):
     """Returns the input's EmbeddingFile (its format and family)."""
     target = FAMILY_NAMES[model_family] if model_family else None
+    xti = read_xti_file(input_path)
+    if xti is not None:
+        return convert_xti(xti, input_path, output_path, to, name, tokenizer, target, model_family)
+    if to == "kohya-xti":
+        raise ValueError(f"--to kohya-xti writes an XTI (per-layer) embedding, but {input_path} holds one vector "
+                         "set for all layers; train one with configs/toy/recipes/xti.yaml (docs/method.md).")
     emb = load_embedding_file(input_path, target_widths=target, target=f"--model_family {model_family}")
     if tokenizer is None:
         tokenizer = FAMILY_TOKENIZERS.get(emb.widths, "clip")
@@ -57,11 +67,38 @@ def convert(input_path, output_path, to, name=None, tokenizer=None, model_family
     return emb
 
 
+def convert_xti(xti, input_path, output_path, to, name, tokenizer, target, model_family):
+    """An XTI file to our official layout or kohya's; other formats have no per-layer layout."""
+    if to not in XTI_FORMATS:
+        raise ValueError(f"{describe_xti(input_path, xti.layers)}; it converts to {' or '.join(XTI_FORMATS)} "
+                         f"only ({to} has one vector set per concept).")
+    widths = (next(iter(xti.vectors.values())).shape[-1],)
+    if target is not None:
+        check_family(input_path, widths, target, f"--model_family {model_family}")
+    vectors, tokens = dict(xti.vectors), dict(xti.tokens)
+    if name is not None:
+        if len(vectors) != 1:
+            raise ValueError(f"--name renames a single concept, but {input_path} holds {len(vectors)}: "
+                             f"{', '.join(vectors)}")
+        (old,) = vectors
+        vectors, tokens = {name: vectors[old]}, {name: tokens[old] if name == old else None}
+    if to == "official":
+        lookup = single_token_lookup(tokenizer or FAMILY_TOKENIZERS.get(widths, "clip"))
+        for string in tokens:
+            tokens[string] = tokens[string] if tokens[string] is not None else lookup(string)
+            if tokens[string] is None:
+                raise ValueError(f"{string!r} is not a single token, so it cannot be an official placeholder; "
+                                 "pass --name with one (e.g. --name '*')")
+    save_xti_file(output_path, vectors, xti.layers, tokens=tokens, name=name or xti.name, step=xti.step, fmt=to)
+    return SimpleNamespace(format=xti.format, family=f"{describe_widths(widths)}, XTI {len(xti.layers)} layers")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="embedding file in any supported format")
     parser.add_argument("--output", required=True, help="file to write")
-    parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    parser.add_argument("--to", required=True, choices=FORMATS + ("kohya-xti",),
+                        help="output format (an XTI file: official or kohya-xti)")
     parser.add_argument("--name", default=None, help="new name / placeholder string for the concept")
     parser.add_argument("--tokenizer", choices=("clip", "bert"), default=None,
                         help="tokenizer giving placeholder token ids for the official format (default: the one of "

@@ -201,6 +201,7 @@ def _read(path):
     meta = _safetensors_metadata(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not an embedding file (holds a {type(data).__name__}, expected a dict)")
+    _refuse_xti(path, data)
     keys = sorted(map(str, data))
     saved_as = "a1111-safetensors" if meta.get("format") == "a1111-safetensors" else "kohya"
     if any(key in data for key in ENCODER_KEYS):
@@ -226,6 +227,18 @@ def _read(path):
         return EmbeddingFile.single(vectors, {k: None for k in vectors}, meta.get("name"),
                                     _optional_int(meta.get("step")), "diffusers")
     raise ValueError(f"{path}: unrecognised embedding layout; keys found: {keys}")
+
+
+def _refuse_xti(path, data):
+    """An XTI (per-layer) file is read by ldm.modules.xti only; every one-set reader refuses it here."""
+    from ldm.modules.xti import describe_xti, read_xti_file, xti_layout
+    if xti_layout(data):
+        layers = read_xti_file(path).layers
+        raise ValueError(f"{describe_xti(path, layers)}, which an ordinary embedding (one set for all layers) "
+                         "cannot hold: sample it with --embedding_path (the scripts switch to per-layer "
+                         "conditioning), train with personalization_config target ldm.modules.xti."
+                         "XTIEmbeddingManager, or convert it with scripts/convert_embedding.py --to official / "
+                         "kohya-xti (docs/method.md).")
 
 
 def load_embedding_file(path, target_widths=None, target="this model"):
@@ -385,11 +398,14 @@ class EmbeddingLoadError(ValueError):
 def load_embeddings(model, paths, placeholder_strings=None, config="the model's config"):
     """Load embedding files into `model`'s embedding manager (the scripts' --embedding_path), printing the word
     each concept answers to."""
+    from ldm.modules.xti import read_xti_file, use_xti_manager
     manager = getattr(model, "embedding_manager", None)
     if manager is None:
         raise EmbeddingLoadError(f"{config} has no personalization_config, so it cannot use --embedding_path.")
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     try:
+        if any(read_xti_file(path) is not None for path in paths):  # per-layer vectors need a per-layer manager
+            manager = use_xti_manager(model)
         loaded = manager.load(paths, placeholder_strings=placeholder_strings)
     except (ValueError, OSError) as err:  # unreadable file, other model family, name clash, count mismatch
         raise EmbeddingLoadError(f"Could not load embeddings from {', '.join(map(str, paths))}: {err}") from err

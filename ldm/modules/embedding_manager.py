@@ -111,7 +111,7 @@ class EmbeddingManager(nn.Module):
         self.string_to_param_dict[string] = nn.Parameter(vectors.float().to(device), requires_grad=True)
         # The original's one-token path (forward) uses these; it runs only while every concept is one token.
         self._placeholder_ids = torch.tensor([int(t) for t in self.string_to_token_dict.values()], device=device)
-        self._vector_counts = torch.tensor([p.shape[0] for p in self.string_to_param_dict.values()], device=device)
+        self._vector_counts = torch.tensor([p.shape[-2] for p in self.string_to_param_dict.values()], device=device)
 
     def names_lost_in(self, text):
         """Concepts written in `text` whose tokens are not in its tokenization, so the prompt will not use them.
@@ -129,7 +129,7 @@ class EmbeddingManager(nn.Module):
 
     @property
     def max_vectors_per_token(self):
-        return max((p.shape[0] for p in self.string_to_param_dict.values()), default=1)
+        return max((p.shape[-2] for p in self.string_to_param_dict.values()), default=1)
 
     def num_active_vectors(self):
         """How many vectors per placeholder are in use now (progressive_words limits it)."""
@@ -156,7 +156,7 @@ class EmbeddingManager(nn.Module):
         if not self.string_to_param_dict:
             return tokenized_text
         sequences = self._token_sequences()
-        ids = {s: torch.full((p.shape[0], 1), float(sequences[s][0]), device=tokenized_text.device)
+        ids = {s: torch.full((p.shape[-2], 1), float(sequences[s][0]), device=tokenized_text.device)
                for s, p in self.string_to_param_dict.items()}
         # float64 holds every token id exactly; the ids travel through the same code as the embeddings.
         as_embedding = tokenized_text.unsqueeze(-1).to(torch.float64)
@@ -304,10 +304,10 @@ class EmbeddingManager(nn.Module):
                                  "tokenizer; give it a name with --placeholder_string.")
             # The regulariser's target only makes sense for vectors of the shape it was made for.
             initial = self.initial_embeddings[string] if string in self.initial_embeddings else None
-            if initial is not None and initial.shape != vectors.shape:
+            if initial is not None and initial.shape[-2:] != vectors.shape[-2:]:
                 del self.initial_embeddings[string]
             self._set_placeholder(string, ids, vectors)
-        return [(string, path, vectors.shape[0]) for string, (path, _, vectors) in zip(strings, loaded)]
+        return [(string, path, vectors.shape[-2]) for string, (path, _, vectors) in zip(strings, loaded)]
 
     def _check_new_names(self, named_paths, named_by_user):
         """Refuse two loaded concepts a prompt cannot tell apart; warn about names taken from the files that are

@@ -17,6 +17,7 @@ from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.prediction import Prediction
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules import xti
 from ldm.modules.ema import LitEma
 from ldm.util import count_params, default, exists, instantiate_from_config, log_txt_as_img
 
@@ -398,7 +399,9 @@ class LatentDiffusion(DDPM):
             if not self.unfreeze_model:
                 freeze(self.cond_stage_model)
                 freeze(self.model)
-            self.embedding_manager = instantiate_from_config(personalization_config, embedder=self.cond_stage_model)
+            self.embedding_manager = instantiate_from_config(
+                personalization_config, embedder=self.cond_stage_model,
+                **xti.manager_kwargs(personalization_config, self.model.diffusion_model))
             if embedding_manager_ckpt:
                 self.embedding_manager.load(embedding_manager_ckpt)
             for param in self.embedding_manager.embedding_parameters():
@@ -458,7 +461,10 @@ class LatentDiffusion(DDPM):
             return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
         model = self.cond_stage_model
         if isinstance(c, (list, tuple)) and all(isinstance(t, str) for t in c) and hasattr(model, "encode_tokens"):
-            c = model.encode_tokens(self._tokens(list(c)), embedding_manager=self.embedding_manager)
+            if getattr(self.embedding_manager, "per_layer", False):  # XTI: one context per cross-attention layer
+                c = self.embedding_manager.encode_tokens(model, self._tokens(list(c)))
+            else:
+                c = model.encode_tokens(self._tokens(list(c)), embedding_manager=self.embedding_manager)
         elif hasattr(model, "encode") and callable(model.encode):
             c = model.encode(c, embedding_manager=self.embedding_manager)
         else:

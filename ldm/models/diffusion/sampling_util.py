@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from ldm.modules.diffusionmodules.util import (extract_into_tensor, make_ddim_sampling_parameters,
                                                make_ddim_timesteps, noise_like)
+from ldm.modules.xti import broadcast_to_layers
 
 
 def cat_conditioning(uncond, cond):
@@ -18,6 +19,8 @@ def cat_conditioning(uncond, cond):
         return {k: cat_conditioning(uncond[k], cond[k]) for k in cond}
     if isinstance(cond, (list, tuple)):
         return [cat_conditioning(u, c) for u, c in zip(uncond, cond)]
+    if uncond.ndim + 1 == cond.ndim == 4:  # per-layer (XTI) cond: the plain uncond serves every layer
+        uncond = broadcast_to_layers(uncond, cond.shape[1])
     return torch.cat([uncond, cond])
 
 

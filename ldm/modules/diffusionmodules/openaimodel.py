@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.xti import check_layer_contexts, number_cross_attention_layers
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
@@ -380,6 +381,7 @@ class UNetModel(nn.Module):
             self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
         if use_fp16:
             self.convert_to_fp16()
+        self.cross_attention_layer_names = number_cross_attention_layers(self)
 
     def _torso(self):
         return self.input_blocks, self.middle_block, self.output_blocks
@@ -405,7 +407,8 @@ class UNetModel(nn.Module):
         """
         :param x: (N, C, ...) noisy inputs.
         :param timesteps: (N,) timesteps.
-        :param context: (N, L, context_dim) conditioning for cross-attention.
+        :param context: (N, L, context_dim) conditioning for cross-attention, or (N, layers, L, context_dim): one
+            context per cross-attention layer, in the order of `cross_attention_layer_names` (XTI, ldm.modules.xti).
         :param y: (N,) class labels, if class-conditional; (N, adm_in_channels) for `num_classes: "sequential"`.
         :return: (N, out_channels, ...) outputs (or codebook logits with n_embed).
         """
@@ -425,6 +428,7 @@ class UNetModel(nn.Module):
         h = x.type(self.dtype)
         emb = emb.type(self.dtype)
         if context is not None:
+            check_layer_contexts(context, self.cross_attention_layer_names)
             context = context.type(self.dtype)
         hs = []
         for module in self.input_blocks:
