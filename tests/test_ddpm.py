@@ -23,6 +23,24 @@ def test_training_timesteps_stay_in_the_configured_range(tiny_config):
     assert int(t.min()) < 10 and int(t.max()) > model.num_timesteps - 10
 
 
+def test_full_range_fraction_mixes_the_whole_schedule_in(tiny_config):
+    model = build_tiny_model(with_params(tiny_config, min_timestep=700, full_range_fraction=0.25))
+    t = model.sample_timesteps(20000, torch.device("cpu"))
+    low = (t < 700).float().mean().item()
+    # a quarter of the draws come from [0, 1000), of which 70% land below 700
+    assert abs(low - 0.25 * 0.7) < 0.02 and int(t.max()) <= 999 and int(t.min()) < 10
+    # off (the default) draws exactly what the plain range draws
+    plain = build_tiny_model(with_params(tiny_config, min_timestep=700))
+    zero = build_tiny_model(with_params(tiny_config, min_timestep=700, full_range_fraction=0.0))
+    torch.manual_seed(0)
+    a = plain.sample_timesteps(64, torch.device("cpu"))
+    torch.manual_seed(0)
+    b = zero.sample_timesteps(64, torch.device("cpu"))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="full_range_fraction"):
+        build_tiny_model(with_params(tiny_config, full_range_fraction=1.5))
+
+
 def test_the_training_step_uses_the_range(tiny_config, monkeypatch):
     model = build_tiny_model(with_params(tiny_config, min_timestep=500))
     seen = []

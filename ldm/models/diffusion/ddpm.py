@@ -48,7 +48,7 @@ class DDPM(pl.LightningModule):
                  embedding_reg_weight=0., unfreeze_model=False, model_lr=0., v_posterior=0.,
                  l_simple_weight=1., conditioning_key=None, parameterization="eps", scheduler_config=None,
                  use_positional_encodings=False, learn_logvar=False, logvar_init=0., min_timestep=0,
-                 max_timestep=None):
+                 max_timestep=None, full_range_fraction=0.0):
         super().__init__()
         self.prediction = Prediction(parameterization)
         self.parameterization = parameterization
@@ -86,6 +86,11 @@ class DDPM(pl.LightningModule):
         if not 0 <= self.min_timestep < self.max_timestep <= self.num_timesteps:
             raise ValueError(f"need 0 <= min_timestep < max_timestep <= timesteps ({self.num_timesteps}), got "
                              f"min_timestep={min_timestep}, max_timestep={max_timestep}")
+        # A fraction of each batch drawn from the whole schedule instead: the low-noise steps, where a small
+        # shape's outline is drawn, still teach the word something (docs/method.md).
+        if not 0.0 <= full_range_fraction <= 1.0:
+            raise ValueError(f"full_range_fraction must be in [0, 1], got {full_range_fraction}")
+        self.full_range_fraction = full_range_fraction
         self.loss_type = loss_type
         self.learn_logvar = learn_logvar
         logvar = torch.full((self.num_timesteps,), logvar_init)
@@ -280,8 +285,13 @@ class DDPM(pl.LightningModule):
         return loss, loss_dict
 
     def sample_timesteps(self, n, device):
-        return torch.randint(self.min_timestep, self.max_timestep, (n,), generator=self.noise_generator(),
-                             device=device)
+        generator = self.noise_generator()
+        t = torch.randint(self.min_timestep, self.max_timestep, (n,), generator=generator, device=device)
+        if self.full_range_fraction:
+            whole = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+            pick = torch.rand((n,), generator=generator, device=device) < self.full_range_fraction
+            t = torch.where(pick, whole, t)
+        return t
 
     def forward(self, x, *args, **kwargs):
         return self.p_losses(x, self.sample_timesteps(x.shape[0], x.device), *args, **kwargs)
