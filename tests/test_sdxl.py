@@ -105,11 +105,11 @@ def unchanged(trained, ckpt):
     return all(torch.equal(now[k].cpu(), saved[k]) for k in saved)
 
 
-def sample(tmp_path, config, ckpt, out, embedding=None, script="stable_txt2img"):
+def sample(tmp_path, config, ckpt, out, embedding=None, script="stable_txt2img", extra=()):
     args = ["--config", str(config), "--ckpt", str(ckpt), "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "3",
             "--H", "32", "--W", "32", "--f", "4", "--C", "4", "--precision", "full", "--device", "cpu",
             "--seed", "3", "--scale", "5", "--skip_grid", "--outdir", str(tmp_path / out), "--prompt", "a photo of *"]
-    written = load_script(script).main(args + (["--embedding_path", str(embedding)] if embedding else []))
+    written = load_script(script).main(args + (["--embedding_path", str(embedding)] if embedding else []) + list(extra))
     assert len(written) == 1 and Path(written[0]).is_file()
     return np.asarray(Image.open(written[0]))
 
@@ -127,12 +127,15 @@ def test_main_trains_a_tiny_sdxl_model_and_samples_with_its_embeddings(tmp_path)
     assert official["string_to_param"]["clip_l"]["*"].shape == (1, 32)
     assert official["string_to_param"]["clip_g"]["*"].shape == (1, 32)
     a1111 = load_embedding_file(run / "checkpoints/embeddings.safetensors", target_widths=(32, 32))
-    assert torch.equal(a1111.by_encoder["clip_g"]["*"].float(),
-                       trained.embedding_manager.managers.clip_g.string_to_param_dict["*"].detach().cpu())
+    for key, manager in trained.embedding_manager.managers.items():
+        (vectors,) = a1111.by_encoder[key].values()  # one concept, named after the file
+        assert torch.equal(vectors.float(), manager.string_to_param_dict["*"].detach().cpu().float())
     # sampling: with the trained file the picture differs from the init word's
     before = sample(tmp_path, TINY_SDXL, ckpt, "before")
     after = sample(tmp_path, TINY_SDXL, ckpt, "after", run / "checkpoints/embeddings.pt")
-    again = sample(tmp_path, TINY_SDXL, ckpt, "again", run / "checkpoints/embeddings.safetensors", script="txt2img")
+    # the AUTOMATIC1111 file names its concept after the file: --placeholder_string gives it the word "*"
+    again = sample(tmp_path, TINY_SDXL, ckpt, "again", run / "checkpoints/embeddings.safetensors", script="txt2img",
+                   extra=["--placeholder_string", "*"])
     assert not np.array_equal(before, after) and np.array_equal(after, again)
 
 
@@ -155,3 +158,21 @@ def test_a_one_encoder_file_is_refused_for_sdxl_naming_both(tmp_path):
     # test_embedding_path_refuses_an_sdxl_file_for_sd_v1_naming_both)
     with pytest.raises(EmbeddingLoadError, match=r"one-encoder.pt is .*\(32 wide\); this model is .*\(32 \+ 32 wide\)"):
         load_embeddings(model, [str(path)])
+
+
+def test_sdxl_guidance_uses_zeroed_text_and_every_sampler_takes_the_dict_conditioning():
+    from ldm.models.diffusion.generate import generate
+    model = build_tiny_model(OmegaConf.load(TINY_SDXL))
+    cond, uncond = model.sampling_conditioning(["a photo of *", "a cat"], guided=True, shape=(4, 8, 6))
+    assert cond["c_crossattn"][0].shape == (2, 77, 64) and cond["y"].shape == (2, 72)
+    assert not uncond["c_crossattn"][0].any() and not uncond["y"][:, :24].any()  # text and pooled text zeroed
+    # the size embeddings are kept: (height, width) = (32, 24) pixels for 8 x 6 latents
+    assert torch.equal(uncond["y"][:, 24:], cond["y"][:, 24:])
+    sizes = model.conditioner.embedders[2](torch.tensor([[32, 24]]))
+    assert torch.allclose(cond["y"][:1, 24:40], sizes)
+    images = {}
+    for sampler in ("ddim", "plms", "dpmpp_2m", "euler_a"):
+        images[sampler] = generate(model, ["a photo of *"], sampler, 3, 5.0, generator=torch.Generator().manual_seed(0))
+        assert images[sampler].shape == (1, 3, 32, 32) and torch.isfinite(images[sampler]).all()
+    unguided = generate(model, ["a photo of *"], "ddim", 3, 1.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(unguided, images["ddim"])
