@@ -10,8 +10,9 @@ fp32, the UNet's torso stored in bf16 as convert_torso does),
 then each step is what main.py --precision bf16-mixed does: `shared_step` under bf16 autocast (the frozen
 first stage's posterior cached per image after the warm-up step, as in training), backward, AdamW on the
 embedding manager's vectors. Batch 1 at the family's native size (--size overrides); the configs' own gradient
-checkpointing (`use_checkpoint: true`) is kept. Prints s/step (median of --steps after --warmup) and the peak
-RSS of the process (VmHWM) after building and after stepping.
+checkpointing (`use_checkpoint: true`) is kept. Prints s/step (wall clock and the process's CPU time, which a
+shared machine inflates less; medians of --steps after --warmup) and the peak RSS of the process (VmHWM) after
+building and after stepping.
 """
 import argparse
 import os
@@ -79,21 +80,23 @@ def main(argv=None):
     model.train()
     optimizer = torch.optim.AdamW(list(model.embedding_manager.embedding_parameters()), lr=5e-3)
     batch = {"image": torch.rand(1, size, size, 3) * 2 - 1, "caption": ["a photo of *"], "cache_key": ["image0"]}
-    times = []
+    times, cpu_times = [], []
     for step in range(opt.warmup + opt.steps):
-        begin = time.perf_counter()
+        begin, cpu_begin = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, _ = model.shared_step(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - begin
-        print(f"step {step}{' (warm-up)' if step < opt.warmup else ''}: {elapsed:.1f} s, loss {loss.item():.4f}",
-              flush=True)
+        elapsed, cpu = time.perf_counter() - begin, time.process_time() - cpu_begin
+        print(f"step {step}{' (warm-up)' if step < opt.warmup else ''}: {elapsed:.1f} s wall, {cpu:.1f} s CPU, "
+              f"loss {loss.item():.4f}, load average {os.getloadavg()[0]:.2f}", flush=True)
         if step >= opt.warmup:
             times.append(elapsed)
+            cpu_times.append(cpu)
     print(f"{opt.family} {config_path} at {size} px, batch 1, bf16, {opt.threads} threads: "
-          f"{statistics.median(times):.1f} s/step (median of {len(times)}; {', '.join(f'{t:.1f}' for t in times)}), "
+          f"{statistics.median(times):.1f} s/step (median of {len(times)}; {', '.join(f'{t:.1f}' for t in times)}; "
+          f"CPU time {statistics.median(cpu_times):.1f} s/step, all threads), "
           f"built in {built_s:.0f} s, peak RSS {built_rss:.2f} GiB after building, {peak_rss_gib():.2f} GiB after "
           f"stepping, load average {os.getloadavg()[0]:.2f}")
 

@@ -366,8 +366,8 @@ class LatentDiffusion(TextualInversion, DDPM):
         if (cond_stage_config is None) == (conditioner_config is None):
             raise ValueError("LatentDiffusion needs exactly one of cond_stage_config and conditioner_config (SDXL).")
         if conditioner_config is not None and conditioning_key != "crossattn-adm":
-            raise ValueError(f"conditioner_config (SDXL) needs conditioning_key: crossattn-adm, not {conditioning_key!r}: "
-                             "its conditioner gives the UNet a context and an ADM vector.")
+            raise ValueError(f"conditioner_config (SDXL) needs conditioning_key: crossattn-adm, not "
+                             f"{conditioning_key!r}: its conditioner gives the UNet a context and an ADM vector.")
         self.num_timesteps_cond = default(num_timesteps_cond, 1)
         self.scale_by_std = scale_by_std
         assert self.num_timesteps_cond <= kwargs.get("timesteps", 1000)
