@@ -7,7 +7,8 @@
 Random weights (nothing is downloaded). The model is built directly in bf16 (the default dtype while its
 modules are made, so no fp32 copy ever exists; the schedule, the norms and the learned vectors are then made
 fp32, the UNet's torso stored in bf16 as convert_torso does),
-then each step is what main.py --precision bf16-mixed does: `shared_step` under bf16 autocast (the frozen
+then each step is what main.py --precision bf16-mixed does (which, unlike here, keeps the text encoders and the
+autoencoder in fp32): `shared_step` under bf16 autocast (the frozen
 first stage's posterior cached per image after the warm-up step, as in training), backward, AdamW on the
 embedding manager's vectors. Batch 1 at the family's native size (--size overrides); the configs' own gradient
 checkpointing (`use_checkpoint: true`) is kept. Prints s/step (wall clock and the process's CPU time, which a
