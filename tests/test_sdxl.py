@@ -79,6 +79,13 @@ def test_size_keys_come_from_the_data_and_default_to_the_image_size(concept_dir)
     assert example["target_size_as_tuple"].tolist() == [16, 16]
     assert example["crop_coords_top_left"].tolist() == [0, 0]
     assert "target_size_as_tuple" not in PersonalizedBase(str(concept_dir), size=16)[0]
+    wide = concept_dir.parent / "wide"
+    wide.mkdir()
+    Image.new("RGB", (48, 32), "white").save(wide / "wide.png")  # (width, height)
+    example = PersonalizedBase(str(wide), size=16, center_crop=True, size_conditioning=True)[0]
+    # the 32 x 32 centre square starts 8 px from the left: 4 px at the output's scale (16 / 32)
+    assert example["original_size_as_tuple"].tolist() == [32, 48]
+    assert example["crop_coords_top_left"].tolist() == [0, 4]
     batch = conditioner_batch(["a", "b"], 64, 48)
     assert batch["original_size_as_tuple"].tolist() == [[64, 48]] * 2 and batch["crop_coords_top_left"].sum() == 0
 
