@@ -428,7 +428,8 @@ def load_model_from_config(config, ckpt=None, device="cpu", verbose=True):
         config = OmegaConf.load(config)
     model = instantiate_from_config(config.model)
     if ckpt is not None:
-        load_weights(model, ckpt, optional=("embedding_manager.",), verbose=verbose)
+        optional = ("embedding_manager.",) + tuple(getattr(model, "optional_weight_keys", tuple)())
+        load_weights(model, ckpt, optional=optional, verbose=verbose)
     return model.to(device).eval()
 
 

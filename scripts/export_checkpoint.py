@@ -33,8 +33,8 @@ def export(ckpt, out, ema=False, half=False, drop=()):
         print(f"copied {apply_ema(sd)} EMA weights into the model")
     sd = {k: v for k, v in sd.items() if not any(k.startswith(p) for p in drop)}
     if half:  # network weights only: the noise schedule and scale factor keep full precision
-        nets = ("model.", "first_stage_model.", "cond_stage_model.", "encoder.", "decoder.", "quant_conv.",
-                "post_quant_conv.")
+        nets = ("model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "encoder.", "decoder.",
+                "quant_conv.", "post_quant_conv.")
         sd = {k: v.half() if v.is_floating_point() and k.startswith(nets) else v for k, v in sd.items()}
     save_state_dict(sd, out)
     size = os.path.getsize(out) / 2 ** 20

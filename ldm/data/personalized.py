@@ -5,6 +5,7 @@ import random
 import warnings
 
 from PIL import Image
+import torch
 from torch.utils.data import Dataset
 
 from ldm.data.image_ops import center_crop, hflip, load_rgb, resample_filter, resize, to_model_range
@@ -192,6 +193,7 @@ class PersonalizedBase(Dataset):
                  center_crop=False,
                  mixing_prob=0.25,
                  coarse_class_text=None,
+                 size_conditioning=False,
                  ):
         self.data_root = data_root
         self.image_paths = list_images(data_root)
@@ -207,6 +209,9 @@ class PersonalizedBase(Dataset):
         self.center_crop = center_crop
         self.mixing_prob = mixing_prob
         self.coarse_class_text = coarse_class_text
+        # SDXL's micro-conditioning: each image's source size, crop and target size (set by SDXL configs)
+        self.size_conditioning = size_conditioning
+        self._sizes = {}
 
         if per_image_tokens and self.num_images > len(per_img_token_list):
             raise ValueError(f"per_image_tokens supports at most {len(per_img_token_list)} images, "
@@ -229,11 +234,20 @@ class PersonalizedBase(Dataset):
         """The image before the random flip: RGB, optionally centre-cropped, resized."""
         if image_index not in self._prepared:
             image = load_rgb(self.image_paths[image_index])
+            width, height = image.size
+            crop = (0, 0)
             if self.center_crop:
                 image = center_crop(image)
+                side = min(width, height)
+                # top-left of the crop in the image scaled to the output size, as Stability's data pipeline
+                scale = (self.size or side) / side
+                crop = (round((height - side) // 2 * scale), round((width - side) // 2 * scale))
             if self.size is not None:
                 image = resize(image, self.size, self.interpolation)
             self._prepared[image_index] = image
+            self._sizes[image_index] = {"original_size_as_tuple": torch.tensor([height, width]),
+                                        "crop_coords_top_left": torch.tensor(crop),
+                                        "target_size_as_tuple": torch.tensor([image.size[1], image.size[0]])}
         return self._prepared[image_index]
 
     def __getitem__(self, i):
@@ -243,8 +257,11 @@ class PersonalizedBase(Dataset):
         if flipped:
             image = hflip(image)
         path = self.image_paths[image_index]
-        return {
+        example = {
             "image": to_model_range(image),
             "caption": self.caption(image_index),
             "cache_key": f"{path}|{int(flipped)}",
         }
+        if self.size_conditioning:
+            example.update(self._sizes[image_index])
+        return example

@@ -1,9 +1,9 @@
 """Denoising diffusion in pixel space (DDPM) and in an autoencoder's latent space (LatentDiffusion).
 
-LatentDiffusion also carries textual inversion: with a `personalization_config` it builds an
-EmbeddingManager, freezes the UNet and the text encoder, and trains only the manager's vectors.
+LatentDiffusion also carries textual inversion (`textual_inversion.TextualInversion`, mixed in): with a
+`personalization_config` it builds an EmbeddingManager, freezes the UNet and the text encoder, and trains only
+the manager's vectors.
 """
-import os
 from contextlib import nullcontext
 from functools import partial
 
@@ -15,27 +15,16 @@ from tqdm import tqdm
 
 from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.prediction import Prediction
+from ldm.models.diffusion.sdxl_conditioning import conditioner_batch, slice_conditioning, to_model_conditioning
+from ldm.models.diffusion.textual_inversion import TextualInversion, freeze
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules import xti
+from ldm.modules.encoders.base import TextEncoder
 from ldm.modules.ema import LitEma
 from ldm.util import count_params, default, exists, instantiate_from_config, log_txt_as_img
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 V_PREDICTION = Prediction("v")
-
-
-def disabled_train(self, mode=True):
-    """Replaces `.train` on frozen modules so that Lightning cannot switch them back to training mode."""
-    return self
-
-
-def freeze(module):
-    module.eval()
-    module.train = disabled_train.__get__(module)
-    for p in module.parameters():
-        p.requires_grad = False
-    return module
 
 
 class DDPM(pl.LightningModule):
@@ -149,7 +138,12 @@ class DDPM(pl.LightningModule):
 
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
         from ldm.checkpoint import load_weights
-        load_weights(self.model if only_model else self, path, ignore_keys)
+        optional = () if only_model else self.optional_weight_keys()
+        load_weights(self.model if only_model else self, path, ignore_keys, optional=optional)
+
+    def optional_weight_keys(self):
+        """Keys a weights file may lack: none (the official SD v1/v2 checkpoints hold the schedule too)."""
+        return ()
 
     # ------------------------------------------------------------ diffusion math
     def q_mean_variance(self, x_start, t):
@@ -278,7 +272,7 @@ class DDPM(pl.LightningModule):
             loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
             loss = loss + self.original_elbo_weight * loss_vlb
         if self.embedding_reg_weight > 0 and getattr(self, "embedding_manager", None) is not None:
-            loss_embedding_reg = self.embedding_manager.embedding_to_coarse_loss().mean()
+            loss_embedding_reg = self.embedding_regularizer()
             loss_dict[f"{prefix}/loss_emb_reg"] = loss_embedding_reg
             loss = loss + self.embedding_reg_weight * loss_embedding_reg
         loss_dict[f"{prefix}/loss"] = loss
@@ -368,13 +362,22 @@ class DDPM(pl.LightningModule):
         return {k: log[k] for k in return_keys if k in log} if return_keys else log
 
 
-class LatentDiffusion(DDPM):
+class LatentDiffusion(TextualInversion, DDPM):
     """Diffusion on the latents of a frozen first stage, conditioned by a text encoder."""
 
-    def __init__(self, first_stage_config, cond_stage_config, personalization_config=None, num_timesteps_cond=None,
-                 cond_stage_key="image", cond_stage_trainable=False, concat_mode=True, cond_stage_forward=None,
-                 conditioning_key=None, scale_factor=1.0, scale_by_std=False, embedding_manager_ckpt=None,
-                 cache_first_stage_latents=True, *args, **kwargs):
+    def __init__(self, first_stage_config, cond_stage_config=None, personalization_config=None,
+                 num_timesteps_cond=None, cond_stage_key="image", cond_stage_trainable=False, concat_mode=True,
+                 cond_stage_forward=None, conditioning_key=None, scale_factor=1.0, scale_by_std=False,
+                 embedding_manager_ckpt=None, cache_first_stage_latents=True, conditioner_config=None, *args,
+                 **kwargs):
+        """`conditioner_config` (SDXL, Stability's name): a GeneralConditioner in place of `cond_stage_config`,
+        kept as `self.conditioner` (the official `conditioner.embedders.N.*` keys), with `conditioning_key:
+        crossattn-adm`."""
+        if (cond_stage_config is None) == (conditioner_config is None):
+            raise ValueError("LatentDiffusion needs exactly one of cond_stage_config and conditioner_config (SDXL).")
+        if conditioner_config is not None and conditioning_key != "crossattn-adm":
+            raise ValueError(f"conditioner_config (SDXL) needs conditioning_key: crossattn-adm, not "
+                             f"{conditioning_key!r}: its conditioner gives the UNet a context and an ADM vector.")
         self.num_timesteps_cond = default(num_timesteps_cond, 1)
         self.scale_by_std = scale_by_std
         assert self.num_timesteps_cond <= kwargs.get("timesteps", 1000)
@@ -393,7 +396,11 @@ class LatentDiffusion(DDPM):
         else:
             self.scale_factor = scale_factor
         self.instantiate_first_stage(first_stage_config)
-        self.instantiate_cond_stage(cond_stage_config)
+        self.conditioner = None
+        if conditioner_config is not None:
+            self.conditioner = instantiate_from_config(conditioner_config)
+        else:
+            self.instantiate_cond_stage(cond_stage_config)
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.cache_first_stage_latents = cache_first_stage_latents
@@ -406,20 +413,7 @@ class LatentDiffusion(DDPM):
 
         self.embedding_manager = None
         if personalization_config is not None:
-            if not self.unfreeze_model:
-                freeze(self.cond_stage_model)
-                freeze(self.model)
-            self.embedding_manager = instantiate_from_config(
-                personalization_config, embedder=self.cond_stage_model,
-                **xti.manager_kwargs(personalization_config, self.model.diffusion_model))
-            if embedding_manager_ckpt:
-                self.embedding_manager.load(embedding_manager_ckpt)
-            for param in self.embedding_manager.embedding_parameters():
-                param.requires_grad = True
-            if self.use_ema and not self.unfreeze_model:
-                # nothing of the diffusion model trains, so an EMA of it would only cost memory
-                self.use_ema = False
-                del self.model_ema
+            self.setup_textual_inversion(personalization_config, embedding_manager_ckpt)
 
     # ---------------------------------------------------------------- components
     def instantiate_first_stage(self, config):
@@ -435,6 +429,23 @@ class LatentDiffusion(DDPM):
         else:
             model = instantiate_from_config(config)
             self.cond_stage_model = model if self.cond_stage_trainable else freeze(model)
+
+    def text_encoders_module(self):
+        """The module holding the text encoder(s): what textual inversion freezes and hands to its manager."""
+        return self.conditioner if self.conditioner is not None else self.cond_stage_model
+
+    def optional_weight_keys(self):
+        """With a conditioner (SDXL), the schedule buffers: Stability's checkpoints do not hold them (their
+        DiffusionEngine rebuilds the schedule from the config), and neither need ours."""
+        if self.conditioner is None:
+            return ()
+        return tuple(name for name, _ in self.named_buffers(recurse=False))
+
+    @property
+    def latent_factor(self):
+        """Pixels per latent pixel: 2 ** (number of downsamplings of the first stage's encoder)."""
+        encoder = getattr(self.first_stage_model, "encoder", None)
+        return 2 ** (encoder.num_resolutions - 1) if hasattr(encoder, "num_resolutions") else 1
 
     def get_first_stage_encoding(self, encoder_posterior):
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
@@ -467,18 +478,23 @@ class LatentDiffusion(DDPM):
         return torch.stack([self._token_cache[t] for t in texts]).to(self.device)
 
     def get_learned_conditioning(self, c):
+        if self.conditioner is not None:  # SDXL: a batch dict, or prompts (sized as the model's images)
+            if not isinstance(c, dict):
+                size = self.image_size * self.latent_factor
+                c = conditioner_batch(list(c), size, size)
+            return to_model_conditioning(self.conditioner(c, embedding_manager=self.embedding_manager))
         if self.cond_stage_forward is not None:
             return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
         model = self.cond_stage_model
-        if isinstance(c, (list, tuple)) and all(isinstance(t, str) for t in c) and hasattr(model, "encode_tokens"):
+        if not isinstance(model, TextEncoder):
+            c = model(c)
+        elif isinstance(c, (list, tuple)) and all(isinstance(t, str) for t in c):
             if getattr(self.embedding_manager, "per_layer", False):  # XTI: one context per cross-attention layer
                 c = self.embedding_manager.encode_tokens(model, self._tokens(list(c)))
             else:
                 c = model.encode_tokens(self._tokens(list(c)), embedding_manager=self.embedding_manager)
-        elif hasattr(model, "encode") and callable(model.encode):
-            c = model.encode(c, embedding_manager=self.embedding_manager)
         else:
-            c = model(c)
+            c = model.encode(c, embedding_manager=self.embedding_manager)
         if isinstance(c, DiagonalGaussianDistribution):
             c = c.mode()
         return c
@@ -527,11 +543,13 @@ class LatentDiffusion(DDPM):
                 xc = xc.to(self.device)
             if cond_key == self.first_stage_key:
                 xc = x
+            if self.conditioner is not None:
+                xc = conditioner_batch(list(xc)[:x.shape[0]], x.shape[-2], x.shape[-1], batch)
             c = xc
             if not self.cond_stage_trainable or force_c_encode:
                 c = self.get_learned_conditioning(xc if isinstance(xc, (dict, list)) else xc.to(self.device))
             if bs is not None:
-                c = c[:bs]
+                c = slice_conditioning(c, bs)
         out = [z, c]
         if return_first_stage_outputs:
             out.extend([x, self.decode_first_stage(z)])
@@ -589,55 +607,31 @@ class LatentDiffusion(DDPM):
     def trainable_parameters(self):
         if self.embedding_manager is None:
             params = list(self.model.parameters())
-            if self.cond_stage_trainable:
+            if self.cond_stage_trainable and self.cond_stage_model is not None:
                 print(f"{self.__class__.__name__}: Also optimizing conditioner params!")
                 params += list(self.cond_stage_model.parameters())
             if self.learn_logvar:
                 params.append(self.logvar)
             return params
-        embedding_params = list(self.embedding_manager.embedding_parameters())
-        if not self.unfreeze_model:
-            return embedding_params
-        model_params = list(self.cond_stage_model.parameters()) + list(self.model.parameters())
-        return [{"params": embedding_params, "lr": self.learning_rate}, {"params": model_params, "lr": self.model_lr}]
-
-    def _frozen_keys(self):
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        prefixes = ("model.", "cond_stage_model.", "first_stage_model.")
-        return [k for k in self.state_dict() if k.startswith(prefixes) and k not in trainable]
-
-    @property
-    def prunes_checkpoints(self):
-        return getattr(self, "embedding_manager", None) is not None and not self.unfreeze_model
-
-    def on_save_checkpoint(self, checkpoint):
-        """Keep the trainable state (manager, optimizer, RNG) and write the embedding files beside the checkpoint.
-
-        The original cleared the whole checkpoint here, so `-r` lost the optimizer state; we only drop the
-        frozen weights, which the run's config reloads from its base checkpoint.
-        """
-        super().on_save_checkpoint(checkpoint)
-        if self.prunes_checkpoints:
-            for k in self._frozen_keys():
-                checkpoint["state_dict"].pop(k, None)
-        if self.embedding_manager is None or self._trainer is None or not self.trainer.is_global_zero:
-            return
-        ckpt_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
-        if ckpt_dir:
-            os.makedirs(ckpt_dir, exist_ok=True)
-            self.embedding_manager.save(os.path.join(ckpt_dir, "embeddings.pt"), step=self.global_step)
-            self.embedding_manager.save(os.path.join(ckpt_dir, f"embeddings_gs-{self.global_step}.pt"),
-                                        step=self.global_step)
-
-    def load_state_dict(self, state_dict, strict=True, **kwargs):
-        if self.prunes_checkpoints:
-            strict = False  # a textual-inversion checkpoint holds only the manager; frozen weights come from the base
-        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+        return self.textual_inversion_parameters()
 
     # ---------------------------------------------------------------- sampling
-    def placeholder_prompt(self):
-        strings = list(getattr(self.embedding_manager, "string_to_param_dict", {}).keys())
-        return f"a photo of {strings[0]}" if strings else None
+    @torch.no_grad()
+    def sampling_conditioning(self, prompts, guided, shape=None):
+        """(cond, uncond) of `prompts` for sampling latents of `shape` (C, H, W); uncond only when `guided`:
+        the empty prompt's, or with a conditioner (SDXL) its unconditional conditioning with the text zeroed,
+        as Stability samples SDXL."""
+        if self.conditioner is None:
+            cond = self.get_learned_conditioning(prompts)
+            return cond, (self.get_learned_conditioning(len(prompts) * [""]) if guided else None)
+        height, width = (shape[1], shape[2]) if shape else (self.image_size, self.image_size)
+        batch = conditioner_batch(prompts, height * self.latent_factor, width * self.latent_factor)
+        if not guided:
+            return self.get_learned_conditioning(batch), None
+        cond, uncond = self.conditioner.get_unconditional_conditioning(
+            batch, {**batch, "txt": len(prompts) * [""]}, force_uc_zero_embeddings=["txt"],
+            embedding_manager=self.embedding_manager)
+        return to_model_conditioning(cond), to_model_conditioning(uncond)
 
     @torch.no_grad()
     def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=50, ddim_eta=1., return_keys=None,
@@ -655,7 +649,7 @@ class LatentDiffusion(DDPM):
             log["conditioning"] = log_txt_as_img((x.shape[-1], x.shape[-2]), list(batch["caption"])[:N],
                                                  size=max(6, x.shape[-1] // 20)).to(x)
         if sample:
-            prompts = xc[:N] if xc is not None else N * [""]
+            prompts = (xc["txt"] if isinstance(xc, dict) else xc)[:N] if xc is not None else N * [""]
             draw = lambda prompts, scale=1.: generate(self, prompts, sampler, ddim_steps, scale, ddim_eta)
             with self.ema_scope("Plotting"):
                 log["samples"] = draw(prompts)
@@ -673,7 +667,7 @@ class DiffusionWrapper(pl.LightningModule):
     def __init__(self, diff_model_config, conditioning_key):
         super().__init__()
         self.diffusion_model = instantiate_from_config(diff_model_config)
-        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm"):
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm", "crossattn-adm"):
             raise ValueError(f"unknown conditioning_key {conditioning_key!r}")
         self.conditioning_key = conditioning_key
 
@@ -686,4 +680,6 @@ class DiffusionWrapper(pl.LightningModule):
             return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
         if self.conditioning_key == "hybrid":
             return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t, context=torch.cat(c_crossattn, 1))
+        if self.conditioning_key == "crossattn-adm":  # SDXL: text context and the ADM vector
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), y=y)
         return self.diffusion_model(x, t, y=c_crossattn[0] if y is None else y)  # adm

@@ -108,9 +108,8 @@ def generate(model, prompts, sampler="ddim", steps=50, scale=1.0, eta=0.0, gener
     model only counts the prompts. Run it under `model.ema_scope()` to sample the EMA weights.
     """
     conditional = model.model.conditioning_key is not None
-    cond = model.get_learned_conditioning(prompts) if conditional else None
-    uncond = model.get_learned_conditioning(len(prompts) * [""]) if conditional and scale != 1.0 else None
     shape = shape or (model.channels, model.image_size, model.image_size)
+    cond, uncond = model.sampling_conditioning(prompts, scale != 1.0, shape) if conditional else (None, None)
     kwargs = {"eta": eta} if sampler == "ddim" else {}
     latents, _ = make_sampler(model, sampler).sample(
         steps, len(prompts), shape, cond, verbose=False, unconditional_guidance_scale=scale,
