@@ -58,6 +58,12 @@ def test_each_encoder_gets_its_own_vectors_from_its_own_table(sdxl_encoders):
     assert all(m.progressive_step == 4000 for m in manager.managers.values())
 
 
+def test_a_placeholder_merged_with_punctuation_is_reported_once_for_both_encoders(sdxl_encoders):
+    manager = MultiEmbeddingManager(sdxl_encoders, ["*"], ["dog"])
+    assert manager.names_lost_in("a photo of *, at night") == ["*"]
+    assert manager.names_lost_in("a photo of * , at night") == []
+
+
 def test_multi_manager_refuses_encoders_without_keys(sdxl_encoders, sd2_encoder):
     with pytest.raises(ValueError, match=r"embedding keys are clip_g, clip_l; .* clip_l, clip_g, in that order"):
         MultiEmbeddingManager(sdxl_encoders[::-1])

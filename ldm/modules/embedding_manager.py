@@ -363,6 +363,11 @@ class MultiEmbeddingManager(nn.Module):
     def manager_for(self, encoder):
         return self.managers[embedding_key(encoder)]
 
+    def names_lost_in(self, text):
+        """As EmbeddingManager.names_lost_in, over every encoder's tokenizer (a concept lost to either is lost)."""
+        lost = [name for manager in self.managers.values() for name in manager.names_lost_in(text)]
+        return list(dict.fromkeys(lost))
+
     @property
     def widths(self):
         return tuple(manager.token_dim for manager in self.managers.values())
