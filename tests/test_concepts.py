@@ -139,3 +139,24 @@ def test_benchmark_trains_scores_resumes_and_refuses_mixed_settings(tmp_path):
     other = _benchmark(out)
     assert other.returncode != 0 and "recipe" in other.stderr and "another --outdir" in other.stderr
     assert (out / concept.name / "result.json").stat().st_mtime_ns == before
+
+
+def test_recipe_overlays_restore_what_they_say():
+    """The toy default is XTI with mixed timesteps; the overlays compared against it in docs/method.md undo that."""
+    from omegaconf import OmegaConf
+
+    def merged(*overlays):
+        paths = ["configs/toy/finetune-shapes.yaml", *overlays]
+        return OmegaConf.merge(*(OmegaConf.load(ROOT / p) for p in paths)).model.params
+
+    default = merged()
+    assert default.personalization_config.target == "ldm.modules.xti.XTIEmbeddingManager"
+    assert default.min_timestep == 700 and default.full_range_fraction == 0.3
+    previous = merged("configs/toy/recipes/high-noise-only.yaml")
+    assert previous.personalization_config.target == "ldm.modules.embedding_manager.EmbeddingManager"
+    assert previous.min_timestep == 700 and previous.full_range_fraction == 0.0
+    assert previous.personalization_config.params.num_vectors_per_token == 48
+    original = merged("configs/toy/recipes/original.yaml")
+    assert original.personalization_config.target == "ldm.modules.embedding_manager.EmbeddingManager"
+    assert original.min_timestep == 0 and original.full_range_fraction == 0.0
+    assert original.personalization_config.params.num_vectors_per_token == 1
