@@ -183,3 +183,10 @@ def test_sdxl_guidance_uses_zeroed_text_and_every_sampler_takes_the_dict_conditi
         assert images[sampler].shape == (1, 3, 32, 32) and torch.isfinite(images[sampler]).all()
     unguided = generate(model, ["a photo of *"], "ddim", 3, 1.0, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(unguided, images["ddim"])
+
+
+def test_xti_on_a_two_encoder_model_is_refused_naming_the_option():
+    config = OmegaConf.load(TINY_SDXL)
+    config.model.params.personalization_config.target = "ldm.modules.xti.XTIEmbeddingManager"
+    with pytest.raises(ValueError, match="XTI.*one text encoder.*MultiEmbeddingManager"):
+        build_tiny_model(config)

@@ -43,6 +43,10 @@ class TextualInversion:
             freeze(encoders)
             freeze(self.model)
         if hasattr(encoders, "text_encoders"):
+            if xti.manager_kwargs(personalization_config, self.model.diffusion_model):
+                raise ValueError(f"personalization_config.target {personalization_config['target']}: extended "
+                                 "textual inversion (XTI) is built for one text encoder; this model has several "
+                                 "(SDXL). Use ldm.modules.embedding_manager.MultiEmbeddingManager.")
             manager = instantiate_from_config(personalization_config, embedders=encoders.text_encoders)
         else:
             manager = instantiate_from_config(personalization_config, embedder=encoders,
