@@ -138,6 +138,10 @@ class EmbeddingManager(nn.Module):
         return self.max_vectors_per_token
 
     # ------------------------------------------------------------------ forward
+    def encode_tokens(self, encoder, tokens):
+        """The conditioning of token ids `tokens` with this manager's vectors spliced in (XTI overrides it)."""
+        return encoder.encode_tokens(tokens, embedding_manager=self)
+
     def forward(self, tokenized_text, embedded_text):
         """Embeddings (b, n, d) of `tokenized_text` (b, n) with every placeholder replaced by its vectors.
 

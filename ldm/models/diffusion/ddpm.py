@@ -489,10 +489,9 @@ class LatentDiffusion(TextualInversion, DDPM):
         if not isinstance(model, TextEncoder):
             c = model(c)
         elif isinstance(c, (list, tuple)) and all(isinstance(t, str) for t in c):
-            if getattr(self.embedding_manager, "per_layer", False):  # XTI: one context per cross-attention layer
-                c = self.embedding_manager.encode_tokens(model, self._tokens(list(c)))
-            else:
-                c = model.encode_tokens(self._tokens(list(c)), embedding_manager=self.embedding_manager)
+            tokens = self._tokens(list(c))
+            manager = self.embedding_manager
+            c = model.encode_tokens(tokens) if manager is None else manager.encode_tokens(model, tokens)
         else:
             c = model.encode(c, embedding_manager=self.embedding_manager)
         if isinstance(c, DiagonalGaussianDistribution):
