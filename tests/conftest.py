@@ -2,6 +2,7 @@
 
 Every test runs with the network cut off: a socket connection to anything but loopback fails loudly.
 """
+import importlib.util
 import os
 import socket
 import sys
@@ -90,3 +91,11 @@ def write_concept_images(folder, n=3, size=32):
 @pytest.fixture
 def concept_dir(tmp_path):
     return write_concept_images(tmp_path / "concept")
+
+
+def load_script(name):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """--embedding_path in the sampling and evaluation scripts, end to end on the tiny LDM: names users type, and
 one clear line for a file that cannot be used."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -9,16 +8,10 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ldm.modules.embedding_io import save_embedding_file
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/tiny/txt2img-tiny.yaml"
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

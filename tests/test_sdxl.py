@@ -1,7 +1,6 @@
 """SDXL in LatentDiffusion (`conditioner_config`, `conditioning_key: crossattn-adm`) and the tiny SD 2.x v model,
 end to end: the full-size configs on the meta device, the official key layout loading strictly, `main.py -t`
 changing only the embeddings (image logging on), the embedding files, and sampling with `--embedding_path`."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import build_tiny_model, write_concept_images
+from conftest import build_tiny_model, load_script, write_concept_images
 from ldm.checkpoint import CheckpointError, load_model_from_config, load_state_dict, save_state_dict
 from ldm.modules.embedding_io import EmbeddingLoadError, load_embedding_file, load_embeddings
 from ldm.util import instantiate_from_config
@@ -20,13 +19,6 @@ SDXL_CONFIGS = ["sd_xl_base-inference.yaml", "sd_xl_base-finetune.yaml"]
 TINY_SDXL = ROOT / "configs/tiny/sdxl-finetune-tiny.yaml"
 TINY_SD2_V = ROOT / "configs/tiny/sd2-v-finetune-tiny.yaml"
 PREFIXES = ("model.diffusion_model.", "conditioner.", "first_stage_model.")
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name", SDXL_CONFIGS)

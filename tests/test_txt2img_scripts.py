@@ -1,5 +1,4 @@
 """scripts/stable_txt2img.py and scripts/txt2img.py, run end to end on the tiny LDM on CPU."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -7,15 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 stable_txt2img = load_script("stable_txt2img")

@@ -1,7 +1,6 @@
 """Extended textual inversion (XTI / P+, ldm.modules.xti) on the tiny model: layers, equivalence to the ordinary
 path when every layer holds the same vectors, guided sampling, file formats, main.py training and sampling."""
 import glob
-import importlib.util
 import os
 from pathlib import Path
 
@@ -11,24 +10,16 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, load_script
 from ldm.checkpoint import load_checkpoint
 from ldm.models.diffusion.generate import generate
 from ldm.modules.embedding_io import load_embedding_file
-from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.modules.xti import XTIEmbeddingManager, read_xti_file, save_xti_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LAYERS = ("IN01", "IN03", "MID", "OUT00", "OUT01", "OUT02", "OUT03")
 KOHYA_SD_V1_LAYERS = ("IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05", "OUT06",
                       "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
