@@ -258,11 +258,15 @@ class XTIEmbeddingManager(EmbeddingManager):
         return self.add_concepts(loaded, placeholder_strings)
 
 
+def is_per_layer(personalization_config):
+    """Whether the config's manager class is a per-layer (XTI) one."""
+    from ldm.util import get_obj_from_str
+    return getattr(get_obj_from_str(personalization_config["target"]), "per_layer", False)
+
+
 def manager_kwargs(personalization_config, diffusion_model):
     """Extra arguments LatentDiffusion gives the embedding manager: the UNet, for a per-layer (XTI) one."""
-    from ldm.util import get_obj_from_str
-    cls = get_obj_from_str(personalization_config["target"])
-    return {"unet": diffusion_model} if getattr(cls, "per_layer", False) else {}
+    return {"unet": diffusion_model} if is_per_layer(personalization_config) else {}
 
 
 def use_xti_manager(model):

@@ -43,7 +43,7 @@ class TextualInversion:
             freeze(encoders)
             freeze(self.model)
         if hasattr(encoders, "text_encoders"):
-            if xti.manager_kwargs(personalization_config, self.model.diffusion_model):
+            if xti.is_per_layer(personalization_config):
                 raise ValueError(f"personalization_config.target {personalization_config['target']}: extended "
                                  "textual inversion (XTI) is built for one text encoder; this model has several "
                                  "(SDXL). Use ldm.modules.embedding_manager.MultiEmbeddingManager.")
