@@ -1,0 +1,123 @@
+"""Toy world v2: determinism, what captions may say, and the v2 evaluator's accuracy on the world's own images."""
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from evaluation.shapes_v2_eval import analyse_image, evaluate_images, parse_target, target_of
+from ldm.data.image_ops import to_uint8_hwc
+from ldm.data.shapes import COLOURS, SHAPES as NAMED_SHAPES
+from ldm.data.shapes_v2 import (HUES, PATTERNS, SHAPES, SIZES, UNNAMEABLE_WORDS, UNNAMED_HUES, UNNAMED_SHAPES,
+                                ObjectSpec, ShapesV2Dataset, patterns_for, position_phrase, random_spec, render)
+
+
+def test_dataset_is_deterministic_per_seed_split_and_index():
+    a, b = ShapesV2Dataset(length=40, seed=3), ShapesV2Dataset(length=40, seed=3)
+    for i in (0, 17, 39, 17):
+        np.testing.assert_array_equal(a[i]["image"], b[i]["image"])
+        assert a[i]["caption"] == b[i]["caption"]
+    other_seed, val = ShapesV2Dataset(length=40, seed=4), ShapesV2Dataset(length=40, seed=3, set="val")
+    assert any(not np.array_equal(a[i]["image"], other_seed[i]["image"]) for i in range(5))
+    assert any(not np.array_equal(a[i]["image"], val[i]["image"]) for i in range(5))
+    assert a[5]["image"].shape == (32, 32, 3) and a[5]["image"].dtype == np.float32
+    with pytest.raises(IndexError):
+        a[40]
+
+
+def test_captions_never_name_an_unnameable_attribute():
+    ds = ShapesV2Dataset(length=4000, seed=0)
+    words = Counter()
+    empty = 0
+    for i in range(len(ds)):
+        spec, caption = ds.spec_and_caption(i)
+        tokens = caption.split()
+        words.update(tokens)
+        empty += caption == ""
+        assert not set(tokens) & set(UNNAMEABLE_WORDS), caption
+        # What a caption does name is true of its object.
+        assert spec.hue in tokens or not set(tokens) & set(COLOURS), (spec, caption)
+        assert spec.shape in tokens or not set(tokens) & set(NAMED_SHAPES), (spec, caption)
+        assert spec.size in tokens or not set(tokens) & set(SIZES), (spec, caption)
+        for row in ("top", "bottom"):
+            assert row not in tokens or spec.row == row, (spec, caption)
+        for column in ("left", "right"):
+            assert column not in tokens or spec.column == column, (spec, caption)
+        assert "centre" not in tokens or (spec.row, spec.column) == ("centre", "centre"), (spec, caption)
+    assert 0.07 < empty / len(ds) < 0.13
+    # Every nameable word is used, each in many captions.
+    for word in list(COLOURS) + list(NAMED_SHAPES) + list(SIZES) + ["top", "bottom", "left", "right", "centre"]:
+        assert words[word] > 50, word
+    assert not {w for w in words if re.search("|".join(UNNAMEABLE_WORDS), w)}
+
+
+def test_position_phrases():
+    assert position_phrase("top", "left") == "in the top left"
+    assert position_phrase("top", "centre") == "at the top"
+    assert position_phrase("centre", "right") == "on the right"
+    assert position_phrase("centre", None) == ""  # a centred row alone would claim the centre of the frame
+    assert position_phrase("centre", "centre") == "in the centre"
+    assert position_phrase(None, None) == ""
+
+
+def test_the_world_covers_every_attribute():
+    specs = [ShapesV2Dataset(length=1500, seed=1).spec_and_caption(i)[0] for i in range(1500)]
+    assert {s.shape for s in specs} == set(SHAPES) and {s.hue for s in specs} == set(HUES)
+    assert {s.pattern for s in specs} == set(PATTERNS) and {s.size for s in specs} == set(SIZES)
+    assert {(s.row, s.column) for s in specs} == {(r, c) for r in ("top", "centre", "bottom")
+                                                   for c in ("left", "centre", "right")}
+    assert not any(s.shape == "cross" and s.pattern == "outline" for s in specs)
+    assert set(UNNAMED_HUES) < set(HUES) and set(UNNAMED_SHAPES) < set(SHAPES)
+
+
+def test_render_refuses_what_cannot_be_drawn():
+    with pytest.raises(ValueError, match="does not fit"):
+        render(ObjectSpec("circle", "red", "solid", 20, 20, 0))
+    with pytest.raises(ValueError, match="cannot be drawn outline"):
+        render(ObjectSpec("cross", "red", "outline", 12, 0, 0))
+    with pytest.raises(ValueError, match="Unknown hue"):
+        random_spec(np.random.default_rng(0), hue="purple")
+    assert "outline" not in patterns_for("cross") and "outline" in patterns_for("wedge")
+
+
+def test_evaluator_reads_every_attribute_of_the_worlds_own_images():
+    ds = ShapesV2Dataset(length=400, seed=0, set="val")
+    for i in range(len(ds)):
+        spec, _ = ds.spec_and_caption(i)
+        analysis = analyse_image(ds[i]["image"])  # the dataset's float image, as a model sees it
+        assert {k: analysis[k] for k in target_of(spec)} == target_of(spec), (spec, analysis)
+
+
+def test_evaluator_reads_each_attribute_in_every_combination_that_exists():
+    rng = np.random.default_rng(5)
+    for shape in SHAPES:
+        for pattern in patterns_for(shape):
+            for size in SIZES:
+                for hue in HUES:
+                    spec = random_spec(rng, shape=shape, hue=hue, pattern=pattern, size=size)
+                    assert evaluate_images([render(spec)], target_of(spec))["joint"] == 1.0, spec
+
+
+def test_evaluate_images_and_parse_target():
+    rng = np.random.default_rng(0)
+    images = [render(random_spec(rng, hue="orange", pattern="striped", shape="diamond", size="small",
+                                 row="top", column="left")) for _ in range(3)]
+    images.append(np.zeros((32, 32, 3), np.uint8))  # nothing drawn
+    target = parse_target("orange striped diamond small top-left")
+    assert target == {"hue": "orange", "pattern": "striped", "shape": "diamond", "size": "small", "row": "top",
+                      "column": "left"}
+    scores = evaluate_images(images, target)
+    assert scores["n"] == 4 and scores["joint"] == 0.75 and set(scores["rates"].values()) == {0.75}
+    assert analyse_image(images[-1])["hue"] == "none"
+    assert parse_target("centre") == {"row": "centre", "column": "centre"}
+    assert parse_target("large right") == {"size": "large", "column": "right"}
+    with pytest.raises(ValueError, match="purple"):
+        parse_target("purple circle")
+    with pytest.raises(ValueError, match="Unknown pattern"):
+        evaluate_images(images, {"pattern": "dotted"})
+
+
+def test_evaluator_reads_an_upscaled_image():
+    spec = random_spec(np.random.default_rng(2), hue="azure", pattern="two-tone", shape="wedge", size="large")
+    big = np.kron(render(spec), np.ones((2, 2, 1), dtype=np.uint8))
+    assert evaluate_images([to_uint8_hwc(big)], target_of(spec))["joint"] == 1.0
