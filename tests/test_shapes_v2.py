@@ -4,12 +4,14 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from evaluation.shapes_v2_eval import analyse_image, evaluate_images, parse_target, target_of
 from ldm.data.image_ops import to_uint8_hwc
 from ldm.data.shapes import COLOURS, SHAPES as NAMED_SHAPES
-from ldm.data.shapes_v2 import (HUES, PATTERNS, SHAPES, SIZES, UNNAMEABLE_WORDS, UNNAMED_HUES, UNNAMED_SHAPES,
-                                ObjectSpec, ShapesV2Dataset, patterns_for, position_phrase, random_spec, render)
+from ldm.data.shapes_v2 import (CONCEPTS, HUES, PATTERNS, SHAPES, SIZES, UNNAMEABLE_WORDS, UNNAMED_HUES,
+                                UNNAMED_SHAPES, ObjectSpec, ShapesV2Dataset, get_concepts, patterns_for,
+                                position_phrase, random_spec, render, write_concepts)
 
 
 def test_dataset_is_deterministic_per_seed_split_and_index():
@@ -121,3 +123,29 @@ def test_evaluator_reads_an_upscaled_image():
     spec = random_spec(np.random.default_rng(2), hue="azure", pattern="two-tone", shape="wedge", size="large")
     big = np.kron(render(spec), np.ones((2, 2, 1), dtype=np.uint8))
     assert evaluate_images([to_uint8_hwc(big)], target_of(spec))["joint"] == 1.0
+
+
+def test_concepts_share_identity_not_layout_and_score_100_percent(tmp_path):
+    assert len(CONCEPTS) >= 12 and len({c.name for c in CONCEPTS}) == len(CONCEPTS)
+    for concept in CONCEPTS:
+        # Something about each identity has no word.
+        assert concept.hue in UNNAMED_HUES or concept.shape in UNNAMED_SHAPES or concept.pattern != "solid"
+        paths = concept.write(str(tmp_path / concept.name))
+        specs = concept.specs()
+        assert len({(s.row, s.column) for s in specs}) == 5 and {s.size for s in specs} == set(SIZES)
+        images = [np.asarray(Image.open(p)) for p in paths]
+        assert evaluate_images(images, parse_target(concept.target))["joint"] == 1.0
+        for spec, image in zip(specs, images):
+            assert {k: v for k, v in analyse_image(image).items() if k in target_of(spec)} == target_of(spec)
+
+
+def test_concepts_are_a_deterministic_function_of_their_seed(tmp_path):
+    manifest = write_concepts(str(tmp_path / "a"), names="orange-striped-circle,green-outline-diamond")
+    write_concepts(str(tmp_path / "b"), names=["orange-striped-circle", "green-outline-diamond"])
+    assert list(manifest) == ["orange-striped-circle", "green-outline-diamond"]
+    assert manifest["green-outline-diamond"]["init_word"] == "square"
+    for name in manifest:
+        for a, b in zip(sorted((tmp_path / "a" / name).iterdir()), sorted((tmp_path / "b" / name).iterdir())):
+            assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(ValueError, match="Unknown v2 concept"):
+        get_concepts("purple-blob")

@@ -24,7 +24,13 @@ half brightness (not colour and black), so the object stays one connected blob; 
 shape minus its interior OUTLINE_WIDTHS px in (the cross, only 4-7 px thick, has no outline).
 
 Example i of a ShapesV2Dataset is a function of (seed, set, i) alone.
+
+`python -m ldm.data.shapes_v2 --write_concepts data/concepts_v2` writes the v2 benchmark's concepts
+(CONCEPTS: identities the words cannot fully say, each drawn in five places and both sizes).
 """
+import argparse
+import json
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -246,3 +252,107 @@ class ShapesV2Dataset(Dataset):
         if self.size != CANVAS:
             image = Image.fromarray(image).resize((self.size, self.size), Image.Resampling.NEAREST)
         return {"image": to_model_range(image), "caption": caption}
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A v2 benchmark concept: an identity (shape, hue, fill pattern) at least part of which no word names. Its
+    images vary in size and position, so identity is all they share; the init word is the nearest shape word."""
+    name: str
+    shape: str
+    hue: str
+    pattern: str
+    init_word: str
+    seed: int
+
+    @property
+    def target(self):
+        """The v2 evaluator's target words (evaluation.shapes_v2_eval.parse_target) for the identity."""
+        return f"{self.hue} {self.pattern} {self.shape}"
+
+    def specs(self, n=5):
+        """n objects of this identity in n different grid cells, both sizes among them."""
+        rng = np.random.default_rng(self.seed)
+        cells = rng.permutation(len(ROWS) * len(COLUMNS))[:n]
+        sizes = [list(SIZES)[k % len(SIZES)] for k in range(n)]
+        sizes = [sizes[k] for k in rng.permutation(n)]
+        return [random_spec(rng, shape=self.shape, hue=self.hue, pattern=self.pattern, size=size,
+                            row=ROWS[cell // len(COLUMNS)], column=COLUMNS[cell % len(COLUMNS)])
+                for cell, size in zip(cells, sizes)]
+
+    def write(self, folder, n=5):
+        os.makedirs(folder, exist_ok=True)
+        paths = []
+        for k, spec in enumerate(self.specs(n)):
+            paths.append(os.path.join(folder, f"{self.name}_{k:02d}.png"))
+            Image.fromarray(render(spec)).save(paths[-1])
+        return paths
+
+
+# The nearest word the vocabulary has for each shape: an unnamed shape starts from the named one it resembles.
+INIT_WORDS = {**{shape: shape for shape in NAMED_SHAPES}, "diamond": "square", "wedge": "triangle"}
+
+
+def _concept(hue, pattern, shape, seed):
+    return Concept(f"{hue}-{pattern}-{shape}", shape, hue, pattern, INIT_WORDS[shape], seed)
+
+
+# Every pattern at least twice (outline 4, striped 3, two-tone 3, solid 2), every shape at least once (the unnamed
+# diamond 3 times, the wedge twice), eight of twelve in an unnamed hue; none is wholly nameable.
+CONCEPTS = (
+    _concept("orange", "striped", "circle", 301),
+    _concept("violet", "outline", "square", 302),
+    _concept("azure", "two-tone", "triangle", 303),
+    _concept("rose", "solid", "diamond", 304),
+    _concept("chartreuse", "striped", "wedge", 305),
+    _concept("spring", "outline", "circle", 306),
+    _concept("red", "striped", "diamond", 307),
+    _concept("blue", "two-tone", "cross", 308),
+    _concept("orange", "outline", "wedge", 309),
+    _concept("magenta", "two-tone", "square", 310),
+    _concept("azure", "solid", "cross", 311),
+    _concept("green", "outline", "diamond", 312),
+)
+
+
+def get_concepts(names=None):
+    """CONCEPTS, or those named (a list or a comma-separated string), in the order given."""
+    if not names:
+        return list(CONCEPTS)
+    by_name = {c.name: c for c in CONCEPTS}
+    names = names.split(",") if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"Unknown v2 concept(s) {unknown}; the benchmark's v2 concepts are {list(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def write_concepts(root, names=None, n=5):
+    """Write each concept's n images to root/<name>/ and a manifest root/concepts.json."""
+    os.makedirs(root, exist_ok=True)
+    manifest = {}
+    for concept in get_concepts(names):
+        concept.write(os.path.join(root, concept.name), n=n)
+        manifest[concept.name] = {"init_word": concept.init_word, "target": concept.target, "shape": concept.shape,
+                                  "hue": concept.hue, "pattern": concept.pattern, "seed": concept.seed}
+    with open(os.path.join(root, "concepts.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Toy world v2 utilities")
+    parser.add_argument("--write_concepts", metavar="ROOT", required=True,
+                        help="write every v2 benchmark concept to ROOT/<name>/, with ROOT/concepts.json")
+    parser.add_argument("--concepts", default=None, help="only these (comma-separated)")
+    parser.add_argument("--n", type=int, default=5)
+    opt = parser.parse_args(argv)
+    try:
+        manifest = write_concepts(opt.write_concepts, opt.concepts, n=opt.n)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"Wrote {len(manifest)} concepts of {opt.n} images each to {opt.write_concepts}")
+
+
+if __name__ == "__main__":
+    main()
