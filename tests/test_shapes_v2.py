@@ -165,3 +165,14 @@ def test_shipped_v2_autoencoder_keeps_what_the_evaluator_reads():
     assert result["size"] == result["row"] == result["column"] == 1.0
     assert result["hue"] >= 0.95 and result["shape"] >= 0.9 and result["pattern"] >= 0.9
     assert abs(result["scale_factor"] - 0.62768) < 0.03  # the configs' value (measured on 512 images)
+
+
+def test_shipped_v2_concepts_are_what_the_generator_writes(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "data/concepts_v2"
+    manifest = write_concepts(str(tmp_path))
+    assert (root / "concepts.json").read_text() == (tmp_path / "concepts.json").read_text()
+    for name in manifest:
+        shipped, fresh = sorted((root / name).iterdir()), sorted((tmp_path / name).iterdir())
+        assert [p.name for p in shipped] == [p.name for p in fresh]
+        for a, b in zip(shipped, fresh):
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a
