@@ -21,11 +21,11 @@ from PIL import Image
 
 from evaluation.shapes_eval import largest_component
 from ldm.data.image_ops import to_uint8_hwc
-from ldm.data.shapes_v2 import CANVAS, COLUMNS, HUES, PATTERNS, ROWS, SHAPES, SIZES, brightness_map, object_mask
+from ldm.data.shapes_v2 import (CANVAS, COLUMNS, HUES, PATTERNS, ROWS, SHAPES, SIZES, SMALL_MAX_SIDE, brightness_map,
+                                object_mask)
 
 FOREGROUND_THRESHOLD = 0.3
 MIN_AREA = 4
-SMALL_MAX_SIDE = 15
 CELL_EDGES = (14.0, 18.0)
 ATTRIBUTES = ("hue", "shape", "pattern", "size", "row", "column")
 HUE_ANGLES = {name: colorsys.rgb_to_hsv(*(np.asarray(rgb) / 255.0))[0] * 360 for name, rgb in HUES.items()}

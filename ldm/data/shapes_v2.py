@@ -55,6 +55,7 @@ UNNAMED_SHAPES = ("diamond", "wedge")
 SHAPES = NAMED_SHAPES + UNNAMED_SHAPES
 PATTERNS = ("solid", "outline", "striped", "two-tone")
 SIZES = {"small": (10, 13), "large": (18, 21)}
+SMALL_MAX_SIDE = 15  # between the classes: what reads as small, in the world and off a blurred sample
 ROWS = ("top", "centre", "bottom")
 COLUMNS = ("left", "centre", "right")
 REGION_MARGIN = 2  # a box "against an edge" starts within this many px of it
@@ -129,7 +130,7 @@ def patterns_for(shape):
 
 
 def outline_width(side):
-    return OUTLINE_WIDTHS["small"] if side <= SIZES["small"][1] else OUTLINE_WIDTHS["large"]
+    return OUTLINE_WIDTHS["small"] if side <= SMALL_MAX_SIDE else OUTLINE_WIDTHS["large"]
 
 
 def brightness_map(pattern, mask):
