@@ -135,19 +135,29 @@ per_img_token_list = [
 
 
 MIN_USEFUL_SIDE = 8  # px; smaller training images are almost certainly a mistake
+# Without cropping, images whose long side exceeds the short one by more than this are reported as distorted.
+MAX_UNWARNED_ASPECT = 1.25
+CROP_MODES = ("center", "none")
+LEARNABLE_PROPERTIES = ("object", "style")
 
 
-def list_images(data_root):
+def list_images(data_root, caption_extension=None):
     """Sorted paths of the readable images in `data_root`.
 
-    Hidden files are ignored; anything else PIL cannot open is skipped with one warning naming it.
-    A missing folder or one without images is an error naming the folder.
+    Hidden files, and the caption files of images (<image name><caption_extension>), are ignored; anything else
+    PIL cannot open is skipped with one warning naming it. A missing folder or one without images is an error
+    naming the folder.
     """
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"Training image folder {data_root!r} does not exist (check --data_root)")
+    names = sorted(os.listdir(data_root))
+    # <stem><caption_extension> is a caption when another file (the image) has that stem
+    stems = {os.path.splitext(name)[0] for name in names if not (caption_extension and name.endswith(caption_extension))}
     images, skipped, tiny = [], [], []
-    for name in sorted(os.listdir(data_root)):
+    for name in names:
         if name.startswith("."):
+            continue
+        if caption_extension and name.endswith(caption_extension) and name[:-len(caption_extension)] in stems:
             continue
         path = os.path.join(data_root, name)
         try:
@@ -169,6 +179,51 @@ def list_images(data_root):
                          + (f" ({len(skipped)} files are not images or are damaged)" if skipped else "")
                          + ": put 3-5 images of the concept there")
     return images
+
+
+def check_templates(templates, source):
+    """`templates` as a list, if each has one {} where the placeholder goes; else a ValueError naming `source`."""
+    templates = [str(t) for t in templates]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad or not templates:
+        raise ValueError(f"{source}: each caption template needs exactly one {{}} where the placeholder goes "
+                         + (f"(not {bad[0]!r})" if bad else "(there are none)"))
+    return templates
+
+
+def read_templates(path):
+    """Caption templates from a file, one per line."""
+    with open(path, encoding="utf-8") as f:
+        return check_templates([line.strip() for line in f.read().splitlines() if line.strip()], path)
+
+
+def read_caption(path, token, placeholder=None):
+    """An image's caption file with the placeholder in it: left as it is when it writes `token`; else
+    `placeholder` (default: `token`; e.g. with the coarse class word) where it writes `*`, or in front of it."""
+    placeholder = placeholder or token
+    try:
+        with open(path, encoding="utf-8") as f:
+            caption = " ".join(f.read().split())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"Caption file {path} could not be read ({err}): write it as UTF-8 text") from None
+    if not caption:
+        raise ValueError(f"Caption file {path} is empty: write the image's caption in it, or delete it")
+    if token in caption:
+        return caption
+    if "*" in caption:
+        return caption.replace("*", placeholder)
+    return f"{placeholder} {caption}"
+
+
+def distorted(paths, limit=MAX_UNWARNED_ASPECT):
+    """'name (WxH)' of the images whose sides differ by more than `limit`: squashed by a square resize."""
+    found = []
+    for path in paths:
+        with Image.open(path) as image:
+            width, height = image.size
+        if max(width, height) > limit * min(width, height):
+            found.append(f"{os.path.basename(path)} ({width}x{height})")
+    return found
 
 
 class PersonalizedBase(Dataset):
@@ -194,9 +249,18 @@ class PersonalizedBase(Dataset):
                  mixing_prob=0.25,
                  coarse_class_text=None,
                  size_conditioning=False,
+                 learnable_property=None,
+                 templates=None,
+                 caption_extension=".txt",
+                 crop=None,
                  ):
+        """Beyond the original's parameters: `learnable_property` (object|style) picks the built-in templates,
+        `templates` (a list of strings with {}) replaces them; `caption_extension`: a file <image
+        name><ext> beside an image is its caption (None: no caption files); `crop` center|none (default: the
+        original's `center_crop` flag)."""
         self.data_root = data_root
-        self.image_paths = list_images(data_root)
+        self.caption_extension = caption_extension
+        self.image_paths = list_images(data_root, caption_extension)
         self.num_images = len(self.image_paths)
         self._length = self.num_images * repeats if set == "train" else self.num_images
 
@@ -206,9 +270,20 @@ class PersonalizedBase(Dataset):
         self.flip_p = flip_p
         self.placeholder_token = placeholder_token
         self.per_image_tokens = per_image_tokens
-        self.center_crop = center_crop
+        if crop is not None and crop not in CROP_MODES:
+            raise ValueError(f"crop {crop!r}: choose one of {', '.join(CROP_MODES)}")
+        self.crop = crop or ("center" if center_crop else "none")
+        if self.crop == "none" and size is not None:
+            stretched = distorted(self.image_paths)
+            if stretched:
+                warnings.warn(f"{len(stretched)} images in {data_root!r} are not square and are resized to "
+                              f"{size}x{size} px, one side stretched by more than {MAX_UNWARNED_ASPECT - 1:.0%} "
+                              f"(e.g. {stretched[0]}): pass --crop center (data param crop: center) to crop "
+                              "them instead, or crop them yourself.")
+        self.templates = self._choose_templates(learnable_property, templates)
         self.mixing_prob = mixing_prob
         self.coarse_class_text = coarse_class_text
+        self.captions = self.read_captions()
         # SDXL's micro-conditioning: each image's source size, crop and target size (set by SDXL configs)
         self.size_conditioning = size_conditioning
         self._sizes = {}
@@ -219,13 +294,42 @@ class PersonalizedBase(Dataset):
         # Decoded, cropped and resized images by index: a concept folder holds a handful of images.
         self._prepared = {}
 
+    def _choose_templates(self, learnable_property, templates):
+        if templates is not None:
+            return check_templates(templates, "data param templates")
+        if learnable_property is None:
+            return type(self).templates
+        if learnable_property not in LEARNABLE_PROPERTIES:
+            raise ValueError(f"learnable_property {learnable_property!r}: choose one of "
+                             f"{', '.join(LEARNABLE_PROPERTIES)}")
+        if learnable_property == "style":
+            from ldm.data import personalized_style
+            self.dual_templates = personalized_style.imagenet_dual_style_templates_small
+            return personalized_style.imagenet_style_templates_small
+        self.dual_templates = imagenet_dual_templates_small
+        return imagenet_templates_small
+
     def __len__(self):
         return self._length
 
-    def caption(self, image_index):
-        placeholder = self.placeholder_token
+    def read_captions(self):
+        """{image index: caption} of the images with a caption file (read now: a bad file stops the run early)."""
+        if not self.caption_extension:
+            return {}
+        paths = [os.path.splitext(p)[0] + self.caption_extension for p in self.image_paths]
+        return {i: read_caption(path, self.placeholder_token, self.placeholder())
+                for i, path in enumerate(paths) if os.path.isfile(path)}
+
+    def placeholder(self):
+        """The placeholder as captions write it (after the coarse class word, if any)."""
         if self.coarse_class_text:
-            placeholder = f"{self.coarse_class_text} {placeholder}"
+            return f"{self.coarse_class_text} {self.placeholder_token}"
+        return self.placeholder_token
+
+    def caption(self, image_index):
+        placeholder = self.placeholder()
+        if image_index in self.captions:
+            return self.captions[image_index]
         if self.per_image_tokens and random.random() < self.mixing_prob:
             return random.choice(self.dual_templates).format(placeholder, per_img_token_list[image_index])
         return random.choice(self.templates).format(placeholder)
@@ -236,7 +340,7 @@ class PersonalizedBase(Dataset):
             image = load_rgb(self.image_paths[image_index])
             width, height = image.size
             crop = (0, 0)
-            if self.center_crop:
+            if self.crop == "center":
                 image = center_crop(image)
                 side = min(width, height)
                 # top-left of the crop in the image scaled to the output size, as Stability's data pipeline
