@@ -2,8 +2,9 @@
 
 Configs (`-b`, merged left to right, then `nested.key=value` dotlist arguments) hold `model`, `data` and an
 optional `lightning` block (`trainer`, `logger`, `modelcheckpoint`, `callbacks`); trainer flags given on the
-command line override `lightning.trainer`. A run writes logs/<time>_<name>/ with checkpoints/ (Lightning
-checkpoints, embeddings.pt, embeddings_gs-<step>.pt), configs/ (the merged configs), images/ and a CSV log.
+command line override `lightning.trainer`. A run writes logs/<data folder><time>_<name>/ with checkpoints/
+(Lightning checkpoints, embeddings.pt, embeddings_gs-<step>.pt, embeddings.safetensors), configs/ (the merged
+configs), images/ and a CSV log. Options named as AUTOMATIC1111, diffusers and kohya name them: ldm/train_options.py.
 `-r LOGDIR` (or a checkpoint inside it) resumes that run's training exactly where it stopped, with the seed it
 was started with; a damaged last.ckpt falls back to the newest good checkpoint.
 
@@ -141,7 +142,7 @@ def resolve_run_dir(opt, now):
         configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
         if not configs:
             raise UsageError(f"{logdir} has no configs/*.yaml: -r takes a log directory written by main.py "
-                             "(logs/<time>_<name>) or a checkpoint inside its checkpoints/ folder.")
+                             "(a run folder under logs/) or a checkpoint inside its checkpoints/ folder.")
         opt.base = configs + list(opt.base)
         return logdir, os.path.basename(logdir), ckpt
     if opt.name:
