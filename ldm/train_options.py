@@ -57,7 +57,8 @@ def add_arguments(parser):
                        help="captions beside the images: <image name><ext> holds that image's caption "
                             "(default .txt; 'none' to ignore such files)")
     group.add_argument("--crop", choices=CROP_MODES, default=None,
-                       help="non-square images: center (crop the middle square) or none (resize to a square, "
+                       help="non-square images: center (crop the middle square), random (a square at one of 8 "
+                            "places along the long side, drawn per example) or none (resize to a square, "
                             "distorting; a warning names images stretched by more than 25%%)")
     return parser
 

@@ -170,8 +170,8 @@ def test_crop_modes_and_the_distortion_warning(folder):
         warnings.simplefilter("error")
         PersonalizedBase(str(folder), size=10, crop="center")
         PersonalizedBase(str(folder), crop="none")  # no resize, no distortion
-    with pytest.raises(ValueError, match="crop 'random'"):
-        PersonalizedBase(str(folder), crop="random")
+    with pytest.raises(ValueError, match="crop 'top'"):
+        PersonalizedBase(str(folder), crop="top")
 
 
 def test_caption_files_place_the_placeholder(folder):
@@ -202,3 +202,29 @@ def test_templates_are_checked(folder, tmp_path):
     bad.write_text("a {} and {}\n")
     with pytest.raises(ValueError, match="templates.txt: each caption template"):
         personalized.read_templates(str(bad))
+    a1111 = tmp_path / "a1111.txt"
+    a1111.write_text("a photo of a [name]\nart by [name]\n")
+    assert personalized.read_templates(str(a1111)) == ["a photo of a {}", "art by {}"]
+    a1111.write_text("a photo of a [name], [filewords]\n")
+    with pytest.raises(ValueError, match=r"a1111.txt: AUTOMATIC1111's \[filewords\] is not read"):
+        personalized.read_templates(str(a1111))
+
+
+def test_random_crops_take_few_cacheable_places(folder):
+    """crop: random cuts the 40x20 image's 20 px square at one of RANDOM_CROP_PLACES places along its width,
+    drawn per example; the place is in the cache key, so equal keys still mean equal pixels."""
+    random.seed(5)
+    ds = PersonalizedBase(str(folder), crop="random", flip_p=0.0, set="val", size_conditioning=True)
+    by_key, lefts = {}, set()
+    for _ in range(60):
+        example = ds[0]
+        assert example["image"].shape == (20, 20, 3)
+        left = int(example["crop_coords_top_left"][1])
+        lefts.add(left)
+        # the gradient's red channel is 6 * column: the crop's first column says where it was cut
+        assert to_uint8_hwc(example["image"])[0, 0, 0] == 6 * left
+        if example["cache_key"] in by_key:
+            np.testing.assert_array_equal(by_key[example["cache_key"]], example["image"])
+        by_key[example["cache_key"]] = example["image"]
+    assert len(by_key) == len(lefts) == personalized.RANDOM_CROP_PLACES and lefts >= {0, 20}
+    assert ds[1]["image"].shape == (24, 24, 3)  # a square image has one place

@@ -137,11 +137,11 @@ def test_captions_templates_and_crop_reach_the_training_run(tmp_path, concept_di
     templates = tmp_path / "templates.txt"
     templates.write_text("a sketch of {}\n\na poster of {}\n")
     trainer = entry.main(run_args(tmp_path / "logs", tiny_ckpt, concept_dir, NO_IMAGES, "--max_steps", "1",
-                                  "--placeholder_string", "@", "--templates", str(templates), "--crop", "center"))
+                                  "--placeholder_string", "@", "--templates", str(templates), "--crop", "random"))
     dataset = trainer.datamodule.datasets["train"]
     captions = {dataset[i]["caption"] for i in range(30)}
     assert captions == {"a magenta @ on black", "@ drawn with a ruler", "a sketch of @", "a poster of @"}
-    assert dataset.crop == "center"
+    assert dataset.crop == "random" and "|" in dataset[0]["cache_key"].rsplit(".png|", 1)[1]
 
 
 def test_learnable_property_picks_the_style_templates(tmp_path, concept_dir, tiny_ckpt):

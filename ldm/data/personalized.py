@@ -8,7 +8,7 @@ from PIL import Image
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.image_ops import center_crop, hflip, load_rgb, resample_filter, resize, to_model_range
+from ldm.data.image_ops import hflip, load_rgb, resample_filter, resize, square_crop, to_model_range
 
 imagenet_templates_smallest = [
     'a photo of a {}',
@@ -137,7 +137,9 @@ per_img_token_list = [
 MIN_USEFUL_SIDE = 8  # px; smaller training images are almost certainly a mistake
 # Without cropping, images whose long side exceeds the short one by more than this are reported as distorted.
 MAX_UNWARNED_ASPECT = 1.25
-CROP_MODES = ("center", "none")
+CROP_MODES = ("center", "none", "random")
+# A random crop starts at one of this many evenly spaced places along the long side, so latents stay cacheable.
+RANDOM_CROP_PLACES = 8
 LEARNABLE_PROPERTIES = ("object", "style")
 
 
@@ -192,9 +194,14 @@ def check_templates(templates, source):
 
 
 def read_templates(path):
-    """Caption templates from a file, one per line."""
+    """Caption templates from a file, one per line; AUTOMATIC1111's `[name]` stands for the placeholder too
+    (its `[filewords]` is refused: put such captions in caption files)."""
     with open(path, encoding="utf-8") as f:
-        return check_templates([line.strip() for line in f.read().splitlines() if line.strip()], path)
+        lines = [line.strip().replace("[name]", "{}") for line in f.read().splitlines() if line.strip()]
+    if any("[filewords]" in line for line in lines):
+        raise ValueError(f"{path}: AUTOMATIC1111's [filewords] is not read; write each image's caption in a .txt "
+                         "file beside it instead")
+    return check_templates(lines, path)
 
 
 def read_caption(path, token, placeholder=None):
@@ -256,7 +263,8 @@ class PersonalizedBase(Dataset):
                  ):
         """Beyond the original's parameters: `learnable_property` (object|style) picks the built-in templates,
         `templates` (a list of strings with {}) replaces them; `caption_extension`: a file <image
-        name><ext> beside an image is its caption (None: no caption files); `crop` center|none (default: the
+        name><ext> beside an image is its caption (None: no caption files); `crop` center|none|random (random:
+        a square at one of RANDOM_CROP_PLACES places along the long side, drawn per example; default: the
         original's `center_crop` flag)."""
         self.data_root = data_root
         self.caption_extension = caption_extension
@@ -291,7 +299,7 @@ class PersonalizedBase(Dataset):
         if per_image_tokens and self.num_images > len(per_img_token_list):
             raise ValueError(f"per_image_tokens supports at most {len(per_img_token_list)} images, "
                              f"{data_root!r} has {self.num_images}; add tokens to per_img_token_list")
-        # Decoded, cropped and resized images by index: a concept folder holds a handful of images.
+        # Decoded, cropped and resized images by (index, crop place): a concept folder holds a handful of images.
         self._prepared = {}
 
     def _choose_templates(self, learnable_property, templates):
@@ -334,29 +342,38 @@ class PersonalizedBase(Dataset):
             return random.choice(self.dual_templates).format(placeholder, per_img_token_list[image_index])
         return random.choice(self.templates).format(placeholder)
 
-    def prepared_image(self, image_index):
-        """The image before the random flip: RGB, optionally centre-cropped, resized."""
-        if image_index not in self._prepared:
+    def crop_place(self):
+        """Where along the long side this example's square is cropped: None (no crop), 0.5 (centre) or random."""
+        if self.crop == "none":
+            return None
+        if self.crop == "center":
+            return 0.5
+        return random.randrange(RANDOM_CROP_PLACES) / (RANDOM_CROP_PLACES - 1)
+
+    def prepared_image(self, image_index, place=None):
+        """The image before the random flip: RGB, cropped to a square at `place` (None: not cropped), resized."""
+        key = (image_index, place)
+        if key not in self._prepared:
             image = load_rgb(self.image_paths[image_index])
             width, height = image.size
             crop = (0, 0)
-            if self.crop == "center":
-                image = center_crop(image)
-                side = min(width, height)
+            if place is not None:
+                image, (top, left) = square_crop(image, place)
                 # top-left of the crop in the image scaled to the output size, as Stability's data pipeline
-                scale = (self.size or side) / side
-                crop = (round((height - side) // 2 * scale), round((width - side) // 2 * scale))
+                scale = (self.size or image.size[0]) / image.size[0]
+                crop = (round(top * scale), round(left * scale))
             if self.size is not None:
                 image = resize(image, self.size, self.interpolation)
-            self._prepared[image_index] = image
-            self._sizes[image_index] = {"original_size_as_tuple": torch.tensor([height, width]),
-                                        "crop_coords_top_left": torch.tensor(crop),
-                                        "target_size_as_tuple": torch.tensor([image.size[1], image.size[0]])}
-        return self._prepared[image_index]
+            self._prepared[key] = image
+            self._sizes[key] = {"original_size_as_tuple": torch.tensor([height, width]),
+                                "crop_coords_top_left": torch.tensor(crop),
+                                "target_size_as_tuple": torch.tensor([image.size[1], image.size[0]])}
+        return self._prepared[key]
 
     def __getitem__(self, i):
         image_index = i % self.num_images
-        image = self.prepared_image(image_index)
+        place = self.crop_place()
+        image = self.prepared_image(image_index, place)
         flipped = random.random() < self.flip_p
         if flipped:
             image = hflip(image)
@@ -364,8 +381,9 @@ class PersonalizedBase(Dataset):
         example = {
             "image": to_model_range(image),
             "caption": self.caption(image_index),
-            "cache_key": f"{path}|{int(flipped)}",
+            # the same key, the same pixels: a model may cache the latent
+            "cache_key": f"{path}|{int(flipped)}" + (f"|{place:.3f}" if self.crop == "random" else ""),
         }
         if self.size_conditioning:
-            example.update(self._sizes[image_index])
+            example.update(self._sizes[(image_index, place)])
         return example
