@@ -7,16 +7,16 @@ what it was given (and `-r` continues with it).
 | --learning_rate R (or "0.005:100, 1e-3:1000, 1e-5") | model.base_learning_rate (+ model.params.scheduler_config) |
 | --lr_scheduler NAME, --lr_warmup_steps N | model.params.scheduler_config (ldm.lr_scheduler.LambdaPeerScheduler) |
 | --save_every_n_steps N | lightning.modelcheckpoint.params.every_n_train_steps |
-| --validation_prompt P (repeatable), --validation_prompts_file F | ...image_logger.params.log_images_kwargs.validation_prompts |
-| --validation_steps N | lightning.callbacks.image_logger.params.batch_frequency |
-| --negative_prompt P | ...image_logger.params.log_images_kwargs.negative_prompt |
+| --validation_prompt P (repeatable), --validation_prompts_file F | ...log_images_kwargs.validation_prompts |
+| --validation_steps N | lightning.callbacks.image_logger.params.batch_frequency (and its log_images_kwargs) |
+| --negative_prompt P | ...log_images_kwargs.negative_prompt |
 | --learnable_property, --templates F, --caption_extension E, --crop C | data.params.{train,validation}.params.* |
 """
 import os
 
 from omegaconf import OmegaConf
 
-from ldm.lr_scheduler import PEER_SCHEDULES, LambdaPeerScheduler, LambdaStepScheduler, parse_step_rates
+from ldm.lr_scheduler import PEER_SCHEDULES, LambdaPeerScheduler, parse_step_rates
 from ldm.txt2img_common import read_prompts
 from ldm.data.personalized import CROP_MODES, LEARNABLE_PROPERTIES, read_templates
 
@@ -115,6 +115,13 @@ def learning_rate_options(opt, config, options):
         config.model.params.scheduler_config = {"target": "ldm.lr_scheduler.LambdaPeerScheduler", "params": params}
 
 
+def caption_extension(flag):
+    """--caption_extension: 'none' -> None; 'txt' -> '.txt' (kohya writes the dot, users often do not)."""
+    if flag.lower() == "none":
+        return None
+    return flag if flag.startswith(".") else "." + flag
+
+
 def data_options(opt, config):
     templates = None
     if opt.templates is not None:
@@ -128,7 +135,7 @@ def data_options(opt, config):
         if templates is not None:
             split.templates = templates
         if opt.caption_extension is not None:
-            split.caption_extension = None if opt.caption_extension.lower() == "none" else opt.caption_extension
+            split.caption_extension = caption_extension(opt.caption_extension)
         if opt.crop is not None:
             split.crop = opt.crop
             split.pop("center_crop", None)

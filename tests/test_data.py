@@ -164,7 +164,8 @@ def test_crop_modes_and_the_distortion_warning(folder):
     center = PersonalizedBase(str(folder), size=10, crop="center", flip_p=0.0, set="val")[0]["image"]
     original = PersonalizedBase(str(folder), size=10, center_crop=True, flip_p=0.0, set="val")[0]["image"]
     np.testing.assert_array_equal(center, original)
-    with pytest.warns(UserWarning, match=r"1 images .* stretched by more than 25% .*a_wide.png \(40x20\).*--crop center"):
+    stretched = r"1 images .* stretched by more than 25% .*a_wide.png \(40x20\).*--crop center"
+    with pytest.warns(UserWarning, match=stretched):
         PersonalizedBase(str(folder), size=10, crop="none")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -159,7 +159,8 @@ def test_learnable_property_picks_the_style_templates(tmp_path, concept_dir, tin
 def test_config_keys_are_what_the_flags_write(tmp_path):
     """The flags are config keys: the same run from YAML alone gets the same settings."""
     opt, _ = entry.get_parser().parse_known_args(["--lr_scheduler", "linear", "--lr_warmup_steps", "3",
-                                                  "--save_every_n_steps", "7", "--crop", "none"])
+                                                  "--save_every_n_steps", "7", "--crop", "none",
+                                                  "--caption_extension", "caption"])
     config = entry.OmegaConf.load(CONFIG)
     lightning = config.pop("lightning")
     options = entry.trainer_options(opt, lightning)
@@ -169,3 +170,4 @@ def test_config_keys_are_what_the_flags_write(tmp_path):
         "params": {"name": "linear", "warmup_steps": 3, "total_steps": 20}}
     assert lightning.modelcheckpoint.params.every_n_train_steps == 7
     assert config.data.params.train.params.crop == config.data.params.validation.params.crop == "none"
+    assert config.data.params.train.params.caption_extension == ".caption"

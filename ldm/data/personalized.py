@@ -154,12 +154,13 @@ def list_images(data_root, caption_extension=None):
         raise FileNotFoundError(f"Training image folder {data_root!r} does not exist (check --data_root)")
     names = sorted(os.listdir(data_root))
     # <stem><caption_extension> is a caption when another file (the image) has that stem
-    stems = {os.path.splitext(name)[0] for name in names if not (caption_extension and name.endswith(caption_extension))}
+    is_caption = (lambda name: name.endswith(caption_extension)) if caption_extension else (lambda name: False)
+    stems = {os.path.splitext(name)[0] for name in names if not is_caption(name)}
     images, skipped, tiny = [], [], []
     for name in names:
         if name.startswith("."):
             continue
-        if caption_extension and name.endswith(caption_extension) and name[:-len(caption_extension)] in stems:
+        if is_caption(name) and name[:-len(caption_extension)] in stems:
             continue
         path = os.path.join(data_root, name)
         try:
