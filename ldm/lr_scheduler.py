@@ -93,21 +93,23 @@ class LambdaPeerScheduler:
 
 def parse_step_rates(text):
     """AUTOMATIC1111's learning-rate syntax, "0.005:100, 1e-3:1000, 1e-5": each rate until the step after
-    its colon (exclusive), the last one (without a step) from there on. -> [(rate, end step or None)]."""
+    its colon (exclusive), the last one (without a step, or with -1) from there on. -> [(rate, end step or
+    None)]."""
     pairs = []
     for part in (p.strip() for p in str(text).split(",")):
         if not part:
             continue
         rate, _, step = part.partition(":")
         try:
-            pairs.append((float(rate), int(step) if step.strip() else None))
+            end = int(step) if step.strip() else -1
+            pairs.append((float(rate), None if end == -1 else end))
         except ValueError:
             raise ValueError(f"learning rate {text!r}: write a rate, or rates with the step each lasts until, "
                              "e.g. '0.005:100, 1e-3:1000, 1e-5'") from None
         if pairs[-1][1] is None:
             break
     ends = [end for _, end in pairs if end is not None]
-    if not pairs or ends != sorted(set(ends)) or any(rate <= 0 for rate, _ in pairs):
+    if not pairs or ends != sorted(set(ends)) or any(end <= 0 for end in ends) or any(r <= 0 for r, _ in pairs):
         raise ValueError(f"learning rate {text!r}: give positive rates whose steps increase, "
                          "e.g. '0.005:100, 1e-3:1000, 1e-5'")
     return pairs

@@ -48,7 +48,8 @@ def test_a1111_step_syntax_equals_diffusers_piecewise_constant():
     ours = LambdaStepScheduler("0.005:100, 1e-3:1000, 1e-5")
     expected = diffusers_multipliers("piecewise_constant", 1200, step_rules="1:100,0.2:1000,0.002")
     assert [ours(n) for n in range(1200)] == pytest.approx(expected, rel=1e-12)
-    for bad in ("fast", "0.005:100, 1e-3:50", "-1", "0.005:x"):
+    assert [LambdaStepScheduler("0.01:5, 0.001:-1")(n) for n in (4, 5, 10 ** 6)] == pytest.approx([1, 0.1, 0.1])
+    for bad in ("fast", "0.005:100, 1e-3:50", "-1", "0.005:x", "0.01:0, 0.001"):
         with pytest.raises(ValueError, match="learning rate"):
             LambdaStepScheduler(bad)
 
