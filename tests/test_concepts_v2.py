@@ -68,3 +68,18 @@ def test_v2_benchmark_scores_reconstruction_and_editability_and_resumes(tmp_path
     again = _benchmark(out, concept)
     assert again.returncode == 0 and "done before" in again.stdout
     assert (out / concept.name / "result.json").stat().st_mtime_ns == before
+
+
+def test_v2_recipe_matches_the_v2_model_configs():
+    """The benchmark's v2 recipe learns on the model the v2 configs describe: v-prediction, the v2 latent scale,
+    the original's single vector, curves scored in world v2."""
+    from omegaconf import OmegaConf
+    worlds = load_script("benchmark_concepts").WORLDS
+    recipe = OmegaConf.merge(*(OmegaConf.load(ROOT / p) for p in worlds["v2"]["recipe"]))
+    inference = OmegaConf.load(ROOT / worlds["v2"]["inference_config"]).model.params
+    training = OmegaConf.load(ROOT / "configs/toy/txt2img-shapes-v2.yaml").model.params
+    for key in ("parameterization", "scale_factor"):
+        assert recipe.model.params[key] == inference[key] == training[key], key
+    assert recipe.model.params.personalization_config.params.num_vectors_per_token == 1
+    assert recipe.lightning.callbacks.learning_curve.params.toy_world == "v2"
+    assert training.unet_config == inference.unet_config == recipe.model.params.unet_config
