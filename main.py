@@ -40,7 +40,7 @@ LOGGERS = ("csv", "tensorboard", "wandb")
 # A new run claims its folder (os.mkdir, exclusive); DDP workers that Lightning starts inherit the claimed name.
 RUN_DIR_ENV = "TEXTUAL_INVERSION_RUN_DIR"
 # `target:`s a run's configs may name on -r without --trust_config: this project's modules and these.
-TRUSTED_TARGET_PREFIXES = ("ldm.", "main.")
+TRUSTED_TARGET_PREFIXES = ("ldm.", "main.", "evaluation.")
 TRUSTED_TARGETS = {
     "torch.nn.Identity",
     "pytorch_lightning.callbacks.ModelCheckpoint", "pytorch_lightning.callbacks.LearningRateMonitor",

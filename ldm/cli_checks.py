@@ -6,6 +6,7 @@ import sys
 import warnings
 
 from ldm.checkpoint import CheckpointError
+from ldm.modules.embedding_io import load_embedding_file
 from ldm.util import ConfigError
 
 MAX_DDIM_STEPS = 1000  # the models' number of diffusion timesteps: DDIM cannot take more steps than that
@@ -63,7 +64,6 @@ def placeholder_notes(opt):
         return []
     names = list(getattr(opt, "placeholder_string", None) or [])
     if not names:
-        from ldm.modules.embedding_io import load_embedding_file
         for path in paths:
             try:
                 names += list(load_embedding_file(path).vectors)

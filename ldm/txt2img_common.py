@@ -16,8 +16,8 @@ from pytorch_lightning import seed_everything
 from tqdm import tqdm, trange
 
 from ldm.checkpoint import load_model_from_config
-from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
 from ldm.models.diffusion.generate import SAMPLERS, generate
+from ldm.models.diffusion.textual_inversion import EmbeddingLoadError, load_embeddings
 from ldm.util import make_grid, to_pil
 
 

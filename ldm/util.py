@@ -40,7 +40,7 @@ def accepted_parameters(target):
         names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         if not any(p.kind == p.VAR_KEYWORD for p in parameters):
             return names - {"self"}
-        if not getattr(function, "__module__", "").startswith(("ldm.", "main")):
+        if not getattr(function, "__module__", "").startswith(("ldm.", "main", "evaluation.")):
             return None
     return None
 

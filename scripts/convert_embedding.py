@@ -21,10 +21,9 @@ from types import SimpleNamespace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ldm.modules.embedding_io import (  # noqa: E402
-    FAMILY_NAMES, FAMILY_TOKENIZERS, FORMATS, check_family, check_tokenizer, describe_widths, load_embedding_file,
-    save_embedding_file, single_token_lookup,
+    FAMILY_NAMES, FAMILY_TOKENIZERS, FORMATS, XTI_FORMATS, check_family, check_tokenizer, describe_widths,
+    describe_xti, load_embedding_file, read_xti_file, save_embedding_file, save_xti_file, single_token_lookup,
 )
-from ldm.modules.xti import XTI_FORMATS, describe_xti, read_xti_file, save_xti_file  # noqa: E402
 
 
 def convert(input_path, output_path, to, name=None, tokenizer=None, model_family=None):

@@ -80,7 +80,7 @@ def generate(opt):
     from omegaconf import OmegaConf
 
     from ldm.checkpoint import load_model_from_config
-    from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
+    from ldm.models.diffusion.textual_inversion import EmbeddingLoadError, load_embeddings
     from ldm.txt2img_common import prompt_to_filename
     from ldm.util import to_pil
 

@@ -6,9 +6,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from ldm.modules.embedding_io import (
-    EmbeddingFamilyError, load_embedding_file, load_embeddings, save_embedding_file,
-)
+from ldm.models.diffusion.textual_inversion import load_embeddings
+from ldm.modules.embedding_io import EmbeddingFamilyError, load_embedding_file, save_embedding_file
 from ldm.modules.embedding_manager import EmbeddingManager, MultiEmbeddingManager
 from ldm.modules.encoders.clip_hidden import FrozenCLIPEmbedderHidden
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2

@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import build_tiny_model, load_script, write_concept_images
 from ldm.checkpoint import CheckpointError, load_model_from_config, load_state_dict, save_state_dict
-from ldm.modules.embedding_io import EmbeddingLoadError, load_embedding_file, load_embeddings
+from ldm.models.diffusion.textual_inversion import EmbeddingLoadError, load_embeddings
+from ldm.modules.embedding_io import load_embedding_file
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ from PIL import Image
 from conftest import build_tiny_model, load_script
 from ldm.checkpoint import load_checkpoint
 from ldm.models.diffusion.generate import generate
-from ldm.modules.embedding_io import load_embedding_file
-from ldm.modules.xti import XTIEmbeddingManager, read_xti_file, save_xti_file
+from ldm.modules.embedding_io import load_embedding_file, read_xti_file, save_xti_file
+from ldm.modules.xti import XTIEmbeddingManager
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LAYERS = ("IN01", "IN03", "MID", "OUT00", "OUT01", "OUT02", "OUT03")

@@ -12,6 +12,9 @@ SDXL files hold one vector set per text encoder, keyed by the encoder's `embeddi
              AUTOMATIC1111 and kohya write them; diffusers loads this file too, one key per text encoder.
   official   the project's own: {"string_to_token": {s: id}, "string_to_param": {"clip_l": {s: [n, 768]},
              "clip_g": {s: [n, 1280]}}, "name", "step"}, several concepts per file like SD v1's.
+XTI (extended textual inversion, one vector set per cross-attention layer) files are read by `read_xti_file`
+and written by `save_xti_file` (the official layout with a leading layers axis, and kohya's {layer: [n, d]});
+every one-set reader refuses them, saying how to use them.
 Vectors always come back as float32 [n, d], keyed by the word a user types for them, as their own tools do:
 the stored placeholder for official and diffusers files, the FILE NAME for AUTOMATIC1111 and kohya files
 (the webui ignores their stored name), the stored name for PNGs.
@@ -20,6 +23,7 @@ Every file's model family is recognised by its widths (FAMILIES) and a mismatch 
 """
 import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +53,8 @@ FAMILY_TOKENIZERS = {(768,): "clip", (1024,): "clip", (1280,): "bert", (768, 128
 FAMILY_NAMES = {"sd-v1": (768,), "sd-2": (1024,), "ldm-1.4b": (1280,), "sdxl": (768, 1280)}
 IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg", ".avif", ".jxl")
 PARAMETER_DICT = "torch.nn.modules.container.ParameterDict"
+XTI_FORMATS = ("official", "kohya-xti")
+_KOHYA_LAYER = re.compile(r"(IN|OUT)\d\d|MID")
 A1111_STAR_TOKEN = 265  # CLIP id of "*", which AUTOMATIC1111 writes as the (unused) placeholder token
 
 
@@ -230,10 +236,9 @@ def _read(path):
 
 
 def _refuse_xti(path, data):
-    """An XTI (per-layer) file is read by ldm.modules.xti only; every one-set reader refuses it here."""
-    from ldm.modules.xti import describe_xti, read_xti_file, xti_layout
+    """An XTI (per-layer) file is read by read_xti_file only; every one-set reader refuses it here."""
     if xti_layout(data):
-        layers = read_xti_file(path).layers
+        layers = _xti_file(data, path).layers
         raise ValueError(f"{describe_xti(path, layers)}, which an ordinary embedding (one set for all layers) "
                          "cannot hold: sample it with --embedding_path (the scripts switch to per-layer "
                          "conditioning), train with personalization_config target ldm.modules.xti."
@@ -391,24 +396,112 @@ def single_token_lookup(tokenizer="clip"):
     return functools.partial(single_token_id, lambda string: tok(string, add_special_tokens=False)["input_ids"])
 
 
-class EmbeddingLoadError(ValueError):
-    """--embedding_path could not be used with this model; the message says which file and why."""
+# ---------------------------------------------------------------------------------------------- XTI files
+def layer_order(name):
+    """Sort key putting kohya layer names in UNet order: IN.., MID, OUT.."""
+    return {"IN": 0, "MID": 1, "OUT": 2}[re.match(r"IN|MID|OUT", name).group()], name
 
 
-def load_embeddings(model, paths, placeholder_strings=None, config="the model's config"):
-    """Load embedding files into `model`'s embedding manager (the scripts' --embedding_path), printing the word
-    each concept answers to."""
-    from ldm.modules.xti import read_xti_file, use_xti_manager
-    manager = getattr(model, "embedding_manager", None)
-    if manager is None:
-        raise EmbeddingLoadError(f"{config} has no personalization_config, so it cannot use --embedding_path.")
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    try:
-        if any(read_xti_file(path) is not None for path in paths):  # per-layer vectors need a per-layer manager
-            manager = use_xti_manager(model)
-        loaded = manager.load(paths, placeholder_strings=placeholder_strings)
-    except (ValueError, OSError) as err:  # unreadable file, other model family, name clash, count mismatch
-        raise EmbeddingLoadError(f"Could not load embeddings from {', '.join(map(str, paths))}: {err}") from err
-    for word, path, count in loaded:  # the words to type, which users otherwise have to guess
-        print(f"Embedding {word!r} ({count} vector{'s' if count != 1 else ''}) from {path}")
-    return loaded
+@dataclass
+class XTIFile:
+    vectors: dict  # concept -> float32 [layers, n, d]
+    layers: tuple  # layer names, in the order of the vectors' first axis
+    tokens: dict  # concept -> token id or None
+    name: str = None
+    step: int = None
+    format: str = "official"
+
+
+def xti_layout(data):
+    """Which XTI layout the loaded dict `data` has ("official", "kohya-xti"), or None for other files."""
+    if not isinstance(data, dict) or not data:
+        return None
+    if "string_to_param" in data and "xti_layers" in data:
+        return "official"
+    keys = [str(k) for k in data]
+    if "MID" in keys and all(_KOHYA_LAYER.fullmatch(k) for k in keys):
+        return "kohya-xti"
+    return None
+
+
+def _xti_vectors(tensor, path, key, ndim):
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != ndim:
+        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{path}: XTI entry {key!r} should have {ndim} dimensions, got {got}")
+    tensor = tensor.detach().to(torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{path}: XTI entry {key!r} holds NaN or infinite values (training diverged?)")
+    return tensor
+
+
+def read_xti_file(path):
+    """An XTIFile, or None when `path` is not an XTI embedding (then load_embedding_file reads it)."""
+    path = os.fspath(path)
+    if path.lower().endswith((".png", ".webp", ".jpg", ".jpeg")):
+        return None
+    data = load_checkpoint(path, extra_stand_ins=(PARAMETER_DICT,))
+    return _xti_file(data, path) if xti_layout(data) else None
+
+
+def _xti_file(data, path):
+    """The XTIFile of a loaded dict of an XTI layout (see xti_layout)."""
+    if xti_layout(data) == "official":
+        layers = tuple(str(n) for n in data["xti_layers"])
+        params = _plain_mapping(data["string_to_param"])
+        tokens = _plain_mapping(data.get("string_to_token", {}))
+        vectors = {s: _xti_vectors(v, path, s, 3) for s, v in params.items()}
+        bad = {s: v.shape[0] for s, v in vectors.items() if v.shape[0] != len(layers)}
+        if bad:
+            raise ValueError(f"{path}: xti_layers names {len(layers)} layers but {bad} hold other counts")
+        return XTIFile(vectors, layers, {s: _token_id(tokens.get(s)) for s in vectors}, data.get("name"),
+                       _optional_int(data.get("step")), "official")
+    # kohya-xti: {layer name: [n, d]}, one concept named by the file name, as kohya's tools do
+    layers = tuple(sorted(map(str, data), key=layer_order))
+    stacked = torch.stack([_xti_vectors(data[k], path, k, 2) for k in layers])
+    stem = Path(path).stem
+    return XTIFile({stem: stacked}, layers, {stem: None}, stem, None, "kohya-xti")
+
+
+def describe_xti(path, layers):
+    return (f"{path} is an extended textual inversion (XTI / P+) embedding, one vector set for each of "
+            f"{len(layers)} cross-attention layers ({' '.join(layers)})")
+
+
+def save_xti_file(path, vectors, layers, tokens=None, name=None, step=None, fmt="official"):
+    """Write XTI vectors ({concept: [layers, n, d]}) atomically.
+
+    official:  {"string_to_token": {s: tensor(id)}, "string_to_param": {s: [layers, n, d]},
+                "xti_layers": [layer names], "name", "step"}: the official layout with a leading layers axis.
+    kohya-xti: {layer name: [n, d]} (.safetensors or .pt), one concept, as kohya's train_textual_inversion_XTI.py
+               writes it; kohya's loader needs SD v1's 16 layers (IN01 .. OUT11).
+    """
+    path = os.fspath(path)
+    if fmt not in XTI_FORMATS:
+        raise ValueError(f"{path}: an XTI embedding is saved as {' or '.join(XTI_FORMATS)}, not {fmt}")
+    layers = tuple(layers)
+    vectors = {s: v.detach().cpu().float().clone().contiguous() for s, v in vectors.items()}
+    for s, v in vectors.items():
+        if v.ndim != 3 or v.shape[0] != len(layers):
+            raise ValueError(f"Cannot save {path}: {s!r} has shape {tuple(v.shape)}, expected "
+                             f"[{len(layers)} layers, n, d]")
+    if fmt == "official":
+        missing = [s for s in vectors if (tokens or {}).get(s) is None]
+        if missing:
+            raise ValueError(f"The official format stores each placeholder's token id; none given for {missing}")
+        if path.endswith(".safetensors"):
+            raise ValueError(f"The official format is a pickled .pt file; {path} ends in .safetensors")
+        payload = {"string_to_token": {s: torch.tensor(int(tokens[s])) for s in vectors},
+                   "string_to_param": vectors, "xti_layers": list(layers), "name": name,
+                   "step": None if step is None else int(step)}
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        return path
+    if len(vectors) != 1:
+        raise ValueError(f"The kohya-xti format holds one concept per file, got {len(vectors)} "
+                         f"({', '.join(vectors)}): save each concept to its own file.")
+    (stack,) = vectors.values()
+    payload = {layer: stack[i].clone() for i, layer in enumerate(layers)}
+    if path.endswith(".safetensors"):
+        atomic_write(path, lambda tmp: safetensors.torch.save_file(payload, tmp))
+    else:
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path

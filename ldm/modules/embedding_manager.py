@@ -13,7 +13,8 @@ import warnings
 import torch
 from torch import nn
 
-from ldm.modules.embedding_io import ENCODER_KEYS, single_token_id
+from ldm.data.personalized import per_img_token_list
+from ldm.modules.embedding_io import ENCODER_KEYS, load_embedding_file, save_embedding_file, single_token_id
 from ldm.modules.encoders.base import embedding_key
 
 DEFAULT_PLACEHOLDER_TOKEN = ["*"]
@@ -53,7 +54,6 @@ class EmbeddingManager(nn.Module):
         placeholder_strings = list(placeholder_strings or DEFAULT_PLACEHOLDER_TOKEN)
         num_given = len(placeholder_strings)
         if per_image_tokens:
-            from ldm.data.personalized import per_img_token_list
             placeholder_strings += per_img_token_list
         initializer_words = list(initializer_words or [])
         for idx, string in enumerate(placeholder_strings):
@@ -260,7 +260,6 @@ class EmbeddingManager(nn.Module):
     # ------------------------------------------------------------------ files
     def save(self, ckpt_path, step=None, name=None):
         """Write the official format (plain tensors, loadable with torch.load(weights_only=True))."""
-        from ldm.modules.embedding_io import save_embedding_file
         strings = list(self.string_to_param_dict)
         if self.string_to_token_sequence:
             raise ValueError(
@@ -282,7 +281,6 @@ class EmbeddingManager(nn.Module):
         ordinary word gets a warning (unless named by `placeholder_strings`), since that word now means the concept.
         Returns (word, file, number of vectors) for each loaded concept.
         """
-        from ldm.modules.embedding_io import load_embedding_file
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
         loaded = [(path, name, vectors) for path in paths
                   for name, vectors in load_embedding_file(path, target_widths=(self.token_dim,)).vectors.items()]
@@ -401,7 +399,6 @@ class MultiEmbeddingManager(nn.Module):
     def save(self, ckpt_path, step=None, name=None, fmt="official"):
         """Write every concept, one vector set per encoder: "official" is the project's multi-concept SDXL
         layout; "a1111-safetensors"/"kohya" (one concept) is what AUTOMATIC1111, kohya and diffusers read."""
-        from ldm.modules.embedding_io import save_embedding_file
         first = next(iter(self.managers.values()))
         if first.string_to_token_sequence:
             raise ValueError(
@@ -418,7 +415,6 @@ class MultiEmbeddingManager(nn.Module):
         """Add (or replace) the concepts of SDXL embedding files (any layout embedding_io reads), each encoder's
         vectors into its manager; files of another family are refused naming both. Returns what
         EmbeddingManager.load returns."""
-        from ldm.modules.embedding_io import load_embedding_file
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
         files = [(path, load_embedding_file(path, target_widths=self.widths)) for path in paths]
         result = None

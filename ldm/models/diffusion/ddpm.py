@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ldm.checkpoint import load_weights
 from ldm.models.autoencoder import VQModelInterface
+from ldm.models.diffusion.generate import generate
 from ldm.models.diffusion.prediction import Prediction
 from ldm.models.diffusion.sdxl_conditioning import conditioner_batch, slice_conditioning, to_model_conditioning
 from ldm.models.diffusion.textual_inversion import TextualInversion, freeze
@@ -137,7 +139,6 @@ class DDPM(pl.LightningModule):
         return self.model_ema.swapped_in(self.model, context) if self.use_ema else nullcontext()
 
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
-        from ldm.checkpoint import load_weights
         optional = () if only_model else self.optional_weight_keys()
         load_weights(self.model if only_model else self, path, ignore_keys, optional=optional)
 
@@ -638,7 +639,6 @@ class LatentDiffusion(TextualInversion, DDPM):
         """Inputs, reconstructions, the captions as images, and samples: the batch's captions with and without
         guidance, and the bare placeholder prompt ("a photo of *") with guidance. `sampler` names any sampler
         of `ldm.models.diffusion.generate.SAMPLERS` (`ddim_steps` steps; `ddim_eta` applies to DDIM only)."""
-        from ldm.models.diffusion.generate import generate
         _, _, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
                                            force_c_encode=True, return_original_cond=True, bs=N)
         N = x.shape[0]

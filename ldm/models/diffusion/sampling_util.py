@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ldm.modules.diffusionmodules.util import (extract_into_tensor, make_ddim_sampling_parameters,
                                                make_ddim_timesteps, noise_like)
-from ldm.modules.xti import broadcast_to_layers
+from ldm.modules.diffusionmodules.layer_contexts import broadcast_to_layers
 
 
 def cat_conditioning(uncond, cond):

@@ -9,6 +9,7 @@ module's). ddpm.py stays about diffusion.
 import os
 
 from ldm.modules import xti
+from ldm.modules.embedding_io import read_xti_file
 from ldm.util import instantiate_from_config
 
 
@@ -120,3 +121,36 @@ class TextualInversion:
             manager = next(iter(manager.managers.values()))
         strings = list(getattr(manager, "string_to_param_dict", {}).keys())
         return f"a photo of {strings[0]}" if strings else None
+
+
+class EmbeddingLoadError(ValueError):
+    """--embedding_path could not be used with this model; the message says which file and why."""
+
+
+def use_xti_manager(model):
+    """Swap an ordinary embedding manager of `model` for an empty XTI one (to sample an XTI file with a config
+    written for ordinary embeddings); returns the manager."""
+    manager = model.embedding_manager
+    if not getattr(manager, "per_layer", False):
+        manager = xti.XTIEmbeddingManager(model.cond_stage_model, unet=model.model.diffusion_model,
+                                          placeholder_strings=list(manager.string_to_token_dict) or None)
+        model.embedding_manager = manager.to(model.device)
+    return manager
+
+
+def load_embeddings(model, paths, placeholder_strings=None, config="the model's config"):
+    """Load embedding files into `model`'s embedding manager (the scripts' --embedding_path), printing the word
+    each concept answers to."""
+    manager = getattr(model, "embedding_manager", None)
+    if manager is None:
+        raise EmbeddingLoadError(f"{config} has no personalization_config, so it cannot use --embedding_path.")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    try:
+        if any(read_xti_file(path) is not None for path in paths):  # per-layer vectors need a per-layer manager
+            manager = use_xti_manager(model)
+        loaded = manager.load(paths, placeholder_strings=placeholder_strings)
+    except (ValueError, OSError) as err:  # unreadable file, other model family, name clash, count mismatch
+        raise EmbeddingLoadError(f"Could not load embeddings from {', '.join(map(str, paths))}: {err}") from err
+    for word, path, count in loaded:  # the words to type, which users otherwise have to guess
+        print(f"Embedding {word!r} ({count} vector{'s' if count != 1 else ''}) from {path}")
+    return loaded

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.xti import check_layer_contexts, number_cross_attention_layers
+from ldm.modules.diffusionmodules.layer_contexts import check_layer_contexts, number_cross_attention_layers
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
@@ -408,7 +408,7 @@ class UNetModel(nn.Module):
         :param x: (N, C, ...) noisy inputs.
         :param timesteps: (N,) timesteps.
         :param context: (N, L, context_dim) conditioning for cross-attention, or (N, layers, L, context_dim): one
-            context per cross-attention layer, in the order of `cross_attention_layer_names` (XTI, ldm.modules.xti).
+            context per cross-attention layer, in the order of `cross_attention_layer_names` (XTI, layer_contexts).
         :param y: (N,) class labels, if class-conditional; (N, adm_in_channels) for `num_classes: "sequential"`.
         :return: (N, out_channels, ...) outputs (or codebook logits with n_embed).
         """

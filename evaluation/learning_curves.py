@@ -1,8 +1,9 @@
 """Learning curves of textual inversion: how well the learned word draws the concept, step by step.
 
 `LearningCurve` is a Lightning callback (enable it under `lightning.callbacks` with
-`target: ldm.learning_curves.LearningCurve`). Every `every_n_steps` optimizer steps, and before the first and
-after the last, it samples the prompt with the learned word (a fixed seed, a few samples, a few DDIM steps)
+`target: evaluation.learning_curves.LearningCurve`; it lives beside the evaluators it applies, so that ldm/
+never imports evaluation/). Every `every_n_steps` optimizer steps, and before the first and after the last, it
+samples the prompt with the learned word (a fixed seed, a few samples, a few DDIM steps)
 and scores the samples:
 
 - toy shapes model: the toy evaluator's match rates (colour, shape, size, region and all of them) against
@@ -23,6 +24,10 @@ from PIL import Image, ImageDraw
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from evaluation import sample_images
+from evaluation.clip_eval import CLIPEvaluator, strip_placeholders
+from evaluation.shapes_eval import (LARGE_SIDE, MEDIUM_SIDES, QUADRANTS, SMALL_SIDE, analyse_image, evaluate_images,
+                                   parse_target)
 from ldm.util import load_font
 
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207),
@@ -105,7 +110,6 @@ def plot_curves(series, path=None, title="", x_label="step", y_label="", y_range
 
 
 def _size_word(sides):
-    from evaluation.shapes_eval import LARGE_SIDE, MEDIUM_SIDES, SMALL_SIDE
     if all(s >= LARGE_SIDE for s in sides):
         return "large"
     if all(MEDIUM_SIDES[0] <= s <= MEDIUM_SIDES[1] for s in sides):
@@ -118,7 +122,6 @@ def _size_word(sides):
 def toy_target_of(images):
     """The toy target that all the images share ("magenta triangle large top"): one colour, one shape, one size
     class and the most specific region (a quadrant, else the centre, else a half) common to all, where they agree."""
-    from evaluation.shapes_eval import QUADRANTS, analyse_image
     analyses = [analyse_image(image) for image in images]
     words = []
     for key in ("colour", "shape"):
@@ -179,7 +182,6 @@ class LearningCurve(Callback):
                            "no learning curve.")
             return
         if self.toy_target:
-            from evaluation.shapes_eval import parse_target
             text = toy_target_of(self.concept_images) if self.toy_target == "auto" else self.toy_target
             if not text:
                 rank_zero_info("LearningCurve: the training images share no colour, shape, size or region "
@@ -202,17 +204,14 @@ class LearningCurve(Callback):
 
     def score(self, images, device):
         if self.toy_target:
-            from evaluation.shapes_eval import evaluate_images
             result = evaluate_images(list(images), self.target)
             return {"joint": result["joint"], **result["rates"]}
-        from evaluation.clip_eval import CLIPEvaluator, strip_placeholders
         self.clip = self.clip or CLIPEvaluator(self.clip_dir, device=device)
         return {"clip_img": self.clip.img_to_img_similarity(self.concept_images, images),
                 "clip_txt": self.clip.txt_to_img_similarity(strip_placeholders(self.prompt, [self.placeholder]),
                                                             images)}
 
     def measure(self, trainer, pl_module):
-        from evaluation import sample_images
         step = trainer.global_step
         if not self.enabled or any(h["step"] == step for h in self.history):
             return
