@@ -17,7 +17,7 @@ from ldm.checkpoint import load_weights
 from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.generate import generate
 from ldm.models.diffusion.prediction import Prediction
-from ldm.models.diffusion.sdxl_conditioning import conditioner_batch, slice_conditioning, to_model_conditioning
+from ldm.models.diffusion.conditioning import conditioner_batch, slice_conditioning, to_model_conditioning
 from ldm.models.diffusion.textual_inversion import TextualInversion, freeze
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -25,7 +25,6 @@ from ldm.modules.encoders.base import TextEncoder
 from ldm.modules.ema import LitEma
 from ldm.util import count_params, default, exists, instantiate_from_config, log_txt_as_img
 
-__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 V_PREDICTION = Prediction("v")
 
 
@@ -568,11 +567,7 @@ class LatentDiffusion(TextualInversion, DDPM):
         return self.p_losses(x, t, c, *args, **kwargs)
 
     def apply_model(self, x_noisy, t, cond, return_ids=False):
-        if not isinstance(cond, dict):
-            if not isinstance(cond, list):
-                cond = [cond]
-            cond = {__conditioning_keys__.get(self.model.conditioning_key, "c_crossattn"): cond}
-        x_recon = self.model(x_noisy, t, **cond)
+        x_recon = self.model(x_noisy, t, **self.model.keyword_conditioning(cond))
         return x_recon[0] if isinstance(x_recon, tuple) and not return_ids else x_recon
 
     # --------------------------------------------------------------- lightning
@@ -661,24 +656,37 @@ class LatentDiffusion(TextualInversion, DDPM):
 
 
 class DiffusionWrapper(pl.LightningModule):
-    """Holds the UNet under the official key `model.diffusion_model` and routes the conditioning to it."""
+    """Holds the UNet under the official key `model.diffusion_model` and routes the conditioning to it: the one
+    place that knows what each `conditioning_key` feeds the UNet (ldm.models.diffusion.conditioning)."""
+
+    # conditioning_key -> which inputs it feeds: (channels concatenated to x, cross-attention context, ADM vector y)
+    ROUTES = {None: (False, False, False), "concat": (True, False, False), "crossattn": (False, True, False),
+              "hybrid": (True, True, False), "adm": (False, False, True), "crossattn-adm": (False, True, True)}
 
     def __init__(self, diff_model_config, conditioning_key):
         super().__init__()
         self.diffusion_model = instantiate_from_config(diff_model_config)
-        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm", "crossattn-adm"):
-            raise ValueError(f"unknown conditioning_key {conditioning_key!r}")
+        if conditioning_key not in self.ROUTES:
+            raise ValueError(f"unknown conditioning_key {conditioning_key!r}; use one of "
+                             f"{', '.join(map(str, self.ROUTES))}")
         self.conditioning_key = conditioning_key
 
+    def keyword_conditioning(self, cond):
+        """A conditioning (a tensor, a list of them, or a dict of forward's keywords) as forward's keywords:
+        a bare one is the concatenated input for `concat`, the cross-attention context (or, for `adm`, the
+        original's way, the ADM vector) otherwise."""
+        if isinstance(cond, dict):
+            return cond
+        return {"c_concat" if self.conditioning_key == "concat" else "c_crossattn":
+                cond if isinstance(cond, list) else [cond]}
+
     def forward(self, x, t, c_concat=None, c_crossattn=None, y=None):
-        if self.conditioning_key is None:
-            return self.diffusion_model(x, t)
-        if self.conditioning_key == "concat":
-            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t)
-        if self.conditioning_key == "crossattn":
-            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
-        if self.conditioning_key == "hybrid":
-            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t, context=torch.cat(c_crossattn, 1))
-        if self.conditioning_key == "crossattn-adm":  # SDXL: text context and the ADM vector
-            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), y=y)
-        return self.diffusion_model(x, t, y=c_crossattn[0] if y is None else y)  # adm
+        concat, crossattn, adm = self.ROUTES[self.conditioning_key]
+        kwargs = {}
+        if concat:
+            x = torch.cat([x] + c_concat, dim=1)
+        if crossattn:
+            kwargs["context"] = torch.cat(c_crossattn, 1)
+        if adm:  # SDXL passes y beside its context; the original's adm passed it as c_crossattn
+            kwargs["y"] = c_crossattn[0] if y is None and not crossattn else y
+        return self.diffusion_model(x, t, **kwargs)
