@@ -168,13 +168,13 @@ class LearningCurve(Callback):
         manager = getattr(pl_module, "embedding_manager", None)
         if stage != "fit" or trainer.global_rank != 0:
             return
-        if manager is None or not manager.string_to_token_dict:
+        if manager is None or not manager.concepts:
             rank_zero_info("LearningCurve: the model has no embedding manager; no learning curve.")
             return
         if not (self.toy_target or self.clip_dir):
             rank_zero_info("LearningCurve: neither toy_target nor clip_dir is set; no learning curve.")
             return
-        self.placeholder = next(iter(manager.string_to_token_dict))
+        self.placeholder = manager.concepts[0]
         self.prompt = self.prompt_template.format(self.placeholder)
         self.concept_images = [Image.open(p).convert("RGB") for p in self._training_image_paths(trainer)]
         if not self.concept_images and (self.toy_target == "auto" or not self.toy_target):

@@ -133,8 +133,8 @@ def prompt_to_filename(prompt, default):
 
 def warn_lost_placeholders(model, prompts):
     """Warn when a prompt writes a concept that its tokenization hides (e.g. '*,' is one CLIP token)."""
-    manager = getattr(model, "embedding_manager", None)
-    if not hasattr(manager, "names_lost_in"):
+    manager = getattr(model, "embedding_manager", None)  # None: the config has no personalization_config
+    if manager is None:
         return
     for prompt in sorted(prompts):
         for name in manager.names_lost_in(prompt):

@@ -138,3 +138,25 @@ def to_pil(image):
     """(c, h, w) tensor in [-1, 1] -> PIL RGB image."""
     arr = ((image.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
+
+
+def disabled_train(self, mode=True):
+    """Replaces `.train` on frozen modules so that Lightning cannot switch them back to training mode."""
+    return self
+
+
+def freeze(module):
+    """Freeze `module` for good: eval mode that `.train()` cannot undo, and no gradients. Returns it."""
+    module.eval()  # before train() is disabled: eval() calls it
+    module.train = disabled_train.__get__(module)
+    for p in module.parameters():
+        p.requires_grad = False
+    return module
+
+
+def model_dtype(model):
+    """The dtype the model computes in: that of its first floating-point parameter (float32 if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

@@ -189,7 +189,7 @@ def test_same_mechanism_with_bert(bert):
     torch.testing.assert_close(bert(["a photo of *", "* and *"], embedding_manager=manager), expected)
 
 
-def test_regulariser_and_norms(clip):
+def test_regulariser(clip):
     manager = EmbeddingManager(clip, ["*", "sks"], ["dog", "cat"], num_vectors_per_token=2)
     assert manager.embedding_to_coarse_loss().item() == 0
     with torch.no_grad():
@@ -197,9 +197,6 @@ def test_regulariser_and_norms(clip):
     loss = manager.embedding_to_coarse_loss()
     assert loss.ndim == 0
     torch.testing.assert_close(loss, torch.tensor(2 * 32 * 0.25 / 2))
-    norms = manager.get_embedding_norms_squared()
-    assert norms.shape == (4,)
-    torch.testing.assert_close(norms[2], manager.string_to_param_dict["sks"][0].square().sum().detach())
 
 
 def test_save_then_load(clip, tmp_path):

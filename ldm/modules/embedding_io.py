@@ -33,6 +33,8 @@ import torch
 
 from ldm.checkpoint import PickledObject, atomic_write, load_checkpoint
 from ldm.modules.embedding_png import is_png, preview_image, read_png_embedding, write_png_embedding
+from ldm.modules.encoders.clip_tokenizer import load_clip_tokenizer
+from ldm.modules.encoders.modules import BERTTokenizer
 
 FORMATS = ("official", "a1111", "a1111-png", "a1111-safetensors", "diffusers", "kohya")
 ONE_TERM_FORMATS = ("a1111", "a1111-png", "a1111-safetensors", "diffusers", "kohya")
@@ -386,10 +388,8 @@ def single_token_lookup(tokenizer="clip"):
     ("clip" for Stable Diffusion, "bert" for the LDM-1.4B model).
     """
     if tokenizer == "clip":
-        from ldm.modules.encoders.clip_tokenizer import load_clip_tokenizer
         tok = load_clip_tokenizer()
     elif tokenizer == "bert":
-        from ldm.modules.encoders.modules import BERTTokenizer
         tok = BERTTokenizer().tokenizer
     else:
         raise ValueError(f"Unknown tokenizer {tokenizer!r}; use 'clip' or 'bert'")

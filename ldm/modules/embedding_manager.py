@@ -24,7 +24,8 @@ PROGRESSIVE_SCALE = 2000
 
 
 class EmbeddingManager(nn.Module):
-    """Learned embedding vectors for placeholder strings.
+    """Learned embedding vectors for placeholder strings (implements ldm.modules.encoders.base's
+    EmbeddingManagerProtocol).
 
     embedder: a text encoder of ldm.modules.encoders.modules (FrozenCLIPEmbedder or BERTEmbedder).
     placeholder_strings: strings that must each be exactly one token for the embedder's tokenizer.
@@ -35,6 +36,8 @@ class EmbeddingManager(nn.Module):
     progressive_words: activate the vectors one at a time, one more every PROGRESSIVE_SCALE optimizer steps,
         counted by `progressive_step`, which the training loop sets to the global step.
     """
+
+    per_layer = False
 
     def __init__(self, embedder, placeholder_strings=None, initializer_words=None, per_image_tokens=False,
                  num_vectors_per_token=1, progressive_words=False):
@@ -126,6 +129,16 @@ class EmbeddingManager(nn.Module):
             if string in text and not any(ids[i:i + n] == seq for i in range(len(ids) - n + 1)):
                 lost.append(string)
         return lost
+
+    @property
+    def concepts(self):
+        return list(self.string_to_param_dict)
+
+    def manager_for(self, encoder):
+        return self
+
+    def interchange_format(self):
+        return None
 
     @property
     def max_vectors_per_token(self):
@@ -241,10 +254,6 @@ class EmbeddingManager(nn.Module):
     def embedding_parameters(self):
         return self.string_to_param_dict.parameters()
 
-    def get_embedding_norms_squared(self):
-        all_params = torch.cat(list(self.string_to_param_dict.values()), dim=0)  # (total vectors, d)
-        return (all_params * all_params).sum(dim=-1)
-
     def embedding_to_coarse_loss(self):
         """Mean over initialised placeholders of the squared distance of the vectors from their initial values.
 
@@ -258,8 +267,8 @@ class EmbeddingManager(nn.Module):
         return loss
 
     # ------------------------------------------------------------------ files
-    def save(self, ckpt_path, step=None, name=None):
-        """Write the official format (plain tensors, loadable with torch.load(weights_only=True))."""
+    def save(self, ckpt_path, step=None, name=None, fmt="official"):
+        """Write `fmt` (the official format by default: plain tensors, loadable with torch.load(weights_only=True))."""
         strings = list(self.string_to_param_dict)
         if self.string_to_token_sequence:
             raise ValueError(
@@ -269,7 +278,7 @@ class EmbeddingManager(nn.Module):
         return save_embedding_file(
             ckpt_path, vectors={s: p.detach() for s, p in self.string_to_param_dict.items()},
             tokens={s: int(t) for s, t in self.string_to_token_dict.items()},
-            name=name or ",".join(strings), step=step, fmt="official")
+            name=name or ",".join(strings), step=step, fmt=fmt)
 
     def load(self, ckpt_paths, placeholder_strings=None):
         """Add (or replace) the concepts of one or several embedding files of any supported format.
@@ -348,6 +357,8 @@ class MultiEmbeddingManager(nn.Module):
     Other arguments as EmbeddingManager's.
     """
 
+    per_layer = False
+
     def __init__(self, embedders, placeholder_strings=None, initializer_words=None, per_image_tokens=False,
                  num_vectors_per_token=1, progressive_words=False, **kwargs):
         super().__init__()
@@ -364,6 +375,17 @@ class MultiEmbeddingManager(nn.Module):
 
     def manager_for(self, encoder):
         return self.managers[embedding_key(encoder)]
+
+    def encode_tokens(self, encoder, tokens):
+        return self.manager_for(encoder).encode_tokens(encoder, tokens)
+
+    @property
+    def concepts(self):
+        return next(iter(self.managers.values())).concepts
+
+    def interchange_format(self):
+        """One concept: also the {"clip_l", "clip_g"} file AUTOMATIC1111, kohya and diffusers read."""
+        return "a1111-safetensors" if len(self.concepts) == 1 else None
 
     def names_lost_in(self, text):
         """As EmbeddingManager.names_lost_in, over every encoder's tokenizer (a concept lost to either is lost)."""
@@ -386,10 +408,6 @@ class MultiEmbeddingManager(nn.Module):
     # ------------------------------------------------------------------ training helpers
     def embedding_parameters(self):
         return (param for manager in self.managers.values() for param in manager.embedding_parameters())
-
-    def get_embedding_norms_squared(self):
-        """Squared norms of every vector of every encoder, one flat tensor (the widths differ)."""
-        return torch.cat([manager.get_embedding_norms_squared() for manager in self.managers.values()])
 
     def embedding_to_coarse_loss(self):
         """The sum over encoders of each encoder's regulariser (EmbeddingManager.embedding_to_coarse_loss)."""

@@ -20,14 +20,14 @@ import torch
 
 from ldm.modules.embedding_io import check_family, describe_xti, load_embedding_file, read_xti_file, save_xti_file
 from ldm.modules.embedding_manager import EmbeddingManager
-from ldm.util import get_obj_from_str
 
 
 class XTIEmbeddingManager(EmbeddingManager):
     """EmbeddingManager with one vector set per cross-attention layer: parameters [layers, n, d].
 
     unet: the diffusion model (its cross-attention layers are counted and named), given by LatentDiffusion
-        (`manager_kwargs`); or layer_names for a manager built without one. Other arguments as EmbeddingManager's.
+        (TextualInversion.setup_textual_inversion); or layer_names for a manager built without one. Other
+        arguments as EmbeddingManager's.
     """
     per_layer = True
 
@@ -74,9 +74,6 @@ class XTIEmbeddingManager(EmbeddingManager):
         raise NotImplementedError("XTI is for one-encoder models whose conditioning is the last hidden state "
                                   "(SD v1, SD 2.x, LDM, the toy model).")
 
-    def get_embedding_norms_squared(self):
-        return torch.cat([p.reshape(-1, p.shape[-1]) for p in self.string_to_param_dict.values()]).pow(2).sum(-1)
-
     def embedding_to_coarse_loss(self):
         """The ordinary regulariser averaged over layers (equal to it when every layer holds the same set)."""
         return super().embedding_to_coarse_loss() / len(self.layer_names)
@@ -110,12 +107,3 @@ class XTIEmbeddingManager(EmbeddingManager):
                 loaded.append((path, name, vectors))
         return self.add_concepts(loaded, placeholder_strings)
 
-
-def is_per_layer(personalization_config):
-    """Whether the config's manager class is a per-layer (XTI) one."""
-    return getattr(get_obj_from_str(personalization_config["target"]), "per_layer", False)
-
-
-def manager_kwargs(personalization_config, diffusion_model):
-    """Extra arguments LatentDiffusion gives the embedding manager: the UNet, for a per-layer (XTI) one."""
-    return {"unet": diffusion_model} if is_per_layer(personalization_config) else {}

@@ -18,12 +18,12 @@ from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.generate import generate
 from ldm.models.diffusion.prediction import Prediction
 from ldm.models.diffusion.conditioning import conditioner_batch, slice_conditioning, to_model_conditioning
-from ldm.models.diffusion.textual_inversion import TextualInversion, freeze
+from ldm.models.diffusion.textual_inversion import TextualInversion
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.base import TextEncoder
 from ldm.modules.ema import LitEma
-from ldm.util import count_params, default, exists, instantiate_from_config, log_txt_as_img
+from ldm.util import count_params, default, exists, freeze, instantiate_from_config, log_txt_as_img
 
 V_PREDICTION = Prediction("v")
 
@@ -34,10 +34,9 @@ class DDPM(pl.LightningModule):
     def __init__(self, unet_config, timesteps=1000, beta_schedule="linear", loss_type="l2", ckpt_path=None,
                  ignore_keys=(), load_only_unet=False, monitor="val/loss", use_ema=True, first_stage_key="image",
                  image_size=256, channels=3, log_every_t=100, clip_denoised=True, linear_start=1e-4,
-                 linear_end=2e-2, cosine_s=8e-3, given_betas=None, original_elbo_weight=0.,
-                 embedding_reg_weight=0., unfreeze_model=False, model_lr=0., v_posterior=0.,
+                 linear_end=2e-2, cosine_s=8e-3, given_betas=None, original_elbo_weight=0., v_posterior=0.,
                  l_simple_weight=1., conditioning_key=None, parameterization="eps", scheduler_config=None,
-                 use_positional_encodings=False, learn_logvar=False, logvar_init=0., min_timestep=0,
+                 learn_logvar=False, logvar_init=0., min_timestep=0,
                  max_timestep=None, full_range_fraction=0.0):
         super().__init__()
         self.prediction = Prediction(parameterization)
@@ -49,7 +48,6 @@ class DDPM(pl.LightningModule):
         self.first_stage_key = first_stage_key
         self.image_size = image_size
         self.channels = channels
-        self.use_positional_encodings = use_positional_encodings
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
         self.use_ema = use_ema
@@ -62,9 +60,6 @@ class DDPM(pl.LightningModule):
         self.v_posterior = v_posterior
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
-        self.embedding_reg_weight = embedding_reg_weight
-        self.unfreeze_model = unfreeze_model
-        self.model_lr = model_lr
         if monitor is not None:
             self.monitor = monitor
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
@@ -271,10 +266,6 @@ class DDPM(pl.LightningModule):
             loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
             loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
             loss = loss + self.original_elbo_weight * loss_vlb
-        if self.embedding_reg_weight > 0 and getattr(self, "embedding_manager", None) is not None:
-            loss_embedding_reg = self.embedding_regularizer()
-            loss_dict[f"{prefix}/loss_emb_reg"] = loss_embedding_reg
-            loss = loss + self.embedding_reg_weight * loss_embedding_reg
         loss_dict[f"{prefix}/loss"] = loss
         return loss, loss_dict
 
@@ -365,11 +356,10 @@ class DDPM(pl.LightningModule):
 class LatentDiffusion(TextualInversion, DDPM):
     """Diffusion on the latents of a frozen first stage, conditioned by a text encoder."""
 
-    def __init__(self, first_stage_config, cond_stage_config=None, personalization_config=None,
-                 num_timesteps_cond=None, cond_stage_key="image", cond_stage_trainable=False, concat_mode=True,
-                 cond_stage_forward=None, conditioning_key=None, scale_factor=1.0, scale_by_std=False,
-                 embedding_manager_ckpt=None, cache_first_stage_latents=True, conditioner_config=None, *args,
-                 **kwargs):
+    def __init__(self, first_stage_config, cond_stage_config=None, num_timesteps_cond=None, cond_stage_key="image",
+                 cond_stage_trainable=False, concat_mode=True, cond_stage_forward=None, conditioning_key=None,
+                 scale_factor=1.0, scale_by_std=False, cache_first_stage_latents=True, conditioner_config=None,
+                 *args, **kwargs):
         """`conditioner_config` (SDXL, Stability's name): a GeneralConditioner in place of `cond_stage_config`,
         kept as `self.conditioner` (the official `conditioner.embedders.N.*` keys), with `conditioning_key:
         crossattn-adm`."""
@@ -378,9 +368,12 @@ class LatentDiffusion(TextualInversion, DDPM):
         if conditioner_config is not None and conditioning_key != "crossattn-adm":
             raise ValueError(f"conditioner_config (SDXL) needs conditioning_key: crossattn-adm, not "
                              f"{conditioning_key!r}: its conditioner gives the UNet a context and an ADM vector.")
-        self.num_timesteps_cond = default(num_timesteps_cond, 1)
+        # The official configs pass num_timesteps_cond: 1; more would be the original's shortened conditioning
+        # schedule (`shorten_cond_schedule`), which no official config uses and this code does not have.
+        if num_timesteps_cond not in (None, 1):
+            raise ValueError(f"num_timesteps_cond {num_timesteps_cond}: only 1 (the official configs' value) is "
+                             "supported; remove the key or set it to 1.")
         self.scale_by_std = scale_by_std
-        assert self.num_timesteps_cond <= kwargs.get("timesteps", 1000)
         if conditioning_key is None:  # the original's backwards compatibility
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__":
@@ -388,7 +381,6 @@ class LatentDiffusion(TextualInversion, DDPM):
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
         super().__init__(conditioning_key=conditioning_key, *args, **kwargs)
-        self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
         self.cond_stage_key = cond_stage_key
         if scale_by_std:
@@ -411,9 +403,8 @@ class LatentDiffusion(TextualInversion, DDPM):
             self.init_from_ckpt(ckpt_path, ignore_keys)
             self.restarted_from_ckpt = True
 
-        self.embedding_manager = None
-        if personalization_config is not None:
-            self.setup_textual_inversion(personalization_config, embedding_manager_ckpt)
+        if self.personalization_config is not None:
+            self.setup_textual_inversion()
 
     # ---------------------------------------------------------------- components
     def instantiate_first_stage(self, config):
@@ -586,9 +577,7 @@ class LatentDiffusion(TextualInversion, DDPM):
             unet.convert_torso(dtype)
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self.embedding_manager is not None:
-            # progressive words count optimizer steps (the original counted forward calls)
-            self.embedding_manager.progressive_step = self.global_step
+        super().on_train_batch_start(batch, batch_idx)  # textual inversion's progressive words
         if self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0 \
                 and not self.restarted_from_ckpt:
             assert self.scale_factor == 1., "rather not use custom rescaling and std-rescaling simultaneously"

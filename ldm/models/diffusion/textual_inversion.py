@@ -8,22 +8,10 @@ module's). ddpm.py stays about diffusion.
 """
 import os
 
-from ldm.modules import xti
 from ldm.modules.embedding_io import read_xti_file
-from ldm.util import instantiate_from_config
-
-
-def disabled_train(self, mode=True):
-    """Replaces `.train` on frozen modules so that Lightning cannot switch them back to training mode."""
-    return self
-
-
-def freeze(module):
-    module.eval()
-    module.train = disabled_train.__get__(module)
-    for p in module.parameters():
-        p.requires_grad = False
-    return module
+from ldm.modules.encoders.base import EmbeddingManagerProtocol
+from ldm.modules.xti import XTIEmbeddingManager
+from ldm.util import freeze, get_obj_from_str, instantiate_from_config
 
 
 # Where a latent diffusion model keeps its weights; the frozen ones are left out of textual-inversion checkpoints.
@@ -31,30 +19,54 @@ MODEL_PREFIXES = ("model.", "cond_stage_model.", "conditioner.", "first_stage_mo
 
 
 class TextualInversion:
-    """Mixed into LatentDiffusion; expects `self.model`, `self.unfreeze_model`, `self.model_lr`, `self.use_ema`
-    and `self.text_encoders_module()` (the module holding the text encoder(s))."""
+    """Mixed into LatentDiffusion before DDPM; takes the textual-inversion keyword arguments of its config and
+    expects `self.model`, `self.use_ema`, `self.conditioner` (SDXL's, or None) and `self.text_encoders_module()`
+    (the module holding the text encoder(s)). The manager is any EmbeddingManagerProtocol.
 
-    def setup_textual_inversion(self, personalization_config, embedding_manager_ckpt=None):
+    personalization_config: the embedding manager's config (None: no textual inversion);
+    embedding_manager_ckpt: embedding file(s) to start from; embedding_reg_weight: weight of the manager's
+    regulariser in the loss; unfreeze_model: train the UNet and the text encoder too, at `model_lr`.
+    """
+
+    def __init__(self, *args, personalization_config=None, embedding_manager_ckpt=None, embedding_reg_weight=0.,
+                 unfreeze_model=False, model_lr=0., **kwargs):
+        super().__init__(*args, **kwargs)
+        self.personalization_config = personalization_config
+        self.embedding_manager_ckpt = embedding_manager_ckpt
+        self.embedding_reg_weight = embedding_reg_weight
+        self.unfreeze_model = unfreeze_model
+        self.model_lr = model_lr
+        self.embedding_manager = None
+
+    def setup_textual_inversion(self):
         """Freeze the diffusion model and the text encoder(s) (unless `unfreeze_model`) and build the manager.
 
         `personalization_config` gets `embedder=` the text encoder (SD v1, SD 2.x, LDM) or `embedders=` the
-        conditioner's text encoders (SDXL, a MultiEmbeddingManager)."""
+        conditioner's text encoders (SDXL, a MultiEmbeddingManager), and a per-layer manager `unet=` too."""
+        config = self.personalization_config
         encoders = self.text_encoders_module()
         if not self.unfreeze_model:
             freeze(encoders)
             freeze(self.model)
-        if hasattr(encoders, "text_encoders"):
-            if xti.is_per_layer(personalization_config):
-                raise ValueError(f"personalization_config.target {personalization_config['target']}: extended "
+        per_layer = getattr(get_obj_from_str(config["target"]), "per_layer", None)
+        if per_layer is None:
+            raise TypeError(f"personalization_config.target {config['target']} is not an embedding manager: it does "
+                            "not say whether it is per_layer (see ldm.modules.encoders.base.EmbeddingManagerProtocol).")
+        if self.conditioner is not None:
+            if per_layer:
+                raise ValueError(f"personalization_config.target {config['target']}: extended "
                                  "textual inversion (XTI) is built for one text encoder; this model has several "
                                  "(SDXL). Use ldm.modules.embedding_manager.MultiEmbeddingManager.")
-            manager = instantiate_from_config(personalization_config, embedders=encoders.text_encoders)
+            manager = instantiate_from_config(config, embedders=encoders.text_encoders)
         else:
-            manager = instantiate_from_config(personalization_config, embedder=encoders,
-                                              **xti.manager_kwargs(personalization_config, self.model.diffusion_model))
+            unet = {"unet": self.model.diffusion_model} if per_layer else {}
+            manager = instantiate_from_config(config, embedder=encoders, **unet)
+        if not isinstance(manager, EmbeddingManagerProtocol):
+            raise TypeError(f"personalization_config.target {config['target']} is not an embedding manager: it "
+                            "lacks members of ldm.modules.encoders.base.EmbeddingManagerProtocol.")
         self.embedding_manager = manager
-        if embedding_manager_ckpt:
-            self.embedding_manager.load(embedding_manager_ckpt)
+        if self.embedding_manager_ckpt:
+            self.embedding_manager.load(self.embedding_manager_ckpt)
         for param in self.embedding_manager.embedding_parameters():
             param.requires_grad = True
         if self.use_ema and not self.unfreeze_model:
@@ -73,13 +85,30 @@ class TextualInversion:
     def embedding_regularizer(self):
         return self.embedding_manager.embedding_to_coarse_loss().mean()
 
+    def p_losses(self, x_start, t, cond=None, noise=None):
+        """DDPM's losses plus the manager's regulariser, weighted by `embedding_reg_weight`."""
+        loss, loss_dict = super().p_losses(x_start, t, cond, noise)
+        if self.embedding_reg_weight > 0 and self.embedding_manager is not None:
+            prefix = "train" if self.training else "val"
+            loss_embedding_reg = self.embedding_regularizer()
+            loss = loss + self.embedding_reg_weight * loss_embedding_reg
+            del loss_dict[f"{prefix}/loss"]  # the total stays the last entry
+            loss_dict.update({f"{prefix}/loss_emb_reg": loss_embedding_reg, f"{prefix}/loss": loss})
+        return loss, loss_dict
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.embedding_manager is not None:
+            # progressive words count optimizer steps (the original counted forward calls)
+            self.embedding_manager.progressive_step = self.global_step
+        return super().on_train_batch_start(batch, batch_idx)
+
     def _frozen_keys(self):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         return [k for k in self.state_dict() if k.startswith(MODEL_PREFIXES) and k not in trainable]
 
     @property
     def prunes_checkpoints(self):
-        return getattr(self, "embedding_manager", None) is not None and not self.unfreeze_model
+        return self.embedding_manager is not None and not self.unfreeze_model
 
     def on_save_checkpoint(self, checkpoint):
         """Keep the trainable state (manager, optimizer, RNG) and write the embedding files beside the checkpoint.
@@ -99,15 +128,15 @@ class TextualInversion:
             self.write_embeddings(ckpt_dir)
 
     def write_embeddings(self, ckpt_dir):
-        """embeddings.pt and embeddings_gs-<step>.pt in the official layout of the model's family; for several
-        text encoders (SDXL) with one concept also embeddings.safetensors ({"clip_l", "clip_g"}), the file
-        AUTOMATIC1111, kohya and diffusers read."""
+        """embeddings.pt and embeddings_gs-<step>.pt in the official layout of the model's family, and where the
+        manager has one (SDXL, one concept: {"clip_l", "clip_g"}) embeddings.safetensors in the format other
+        tools read."""
         manager = self.embedding_manager
         for name in ("embeddings.pt", f"embeddings_gs-{self.global_step}.pt"):
             manager.save(os.path.join(ckpt_dir, name), step=self.global_step)
-        if hasattr(manager, "managers") and len(next(iter(manager.managers.values())).string_to_param_dict) == 1:
-            manager.save(os.path.join(ckpt_dir, "embeddings.safetensors"), step=self.global_step,
-                         fmt="a1111-safetensors")
+        interchange = manager.interchange_format()
+        if interchange is not None:
+            manager.save(os.path.join(ckpt_dir, "embeddings.safetensors"), step=self.global_step, fmt=interchange)
 
     def load_state_dict(self, state_dict, strict=True, **kwargs):
         if self.prunes_checkpoints:
@@ -116,11 +145,8 @@ class TextualInversion:
 
     def placeholder_prompt(self):
         """"a photo of <first placeholder>", the prompt `log_images` samples the learned word with."""
-        manager = self.embedding_manager
-        if hasattr(manager, "managers"):
-            manager = next(iter(manager.managers.values()))
-        strings = list(getattr(manager, "string_to_param_dict", {}).keys())
-        return f"a photo of {strings[0]}" if strings else None
+        concepts = self.embedding_manager.concepts if self.embedding_manager is not None else []
+        return f"a photo of {concepts[0]}" if concepts else None
 
 
 class EmbeddingLoadError(ValueError):
@@ -131,9 +157,9 @@ def use_xti_manager(model):
     """Swap an ordinary embedding manager of `model` for an empty XTI one (to sample an XTI file with a config
     written for ordinary embeddings); returns the manager."""
     manager = model.embedding_manager
-    if not getattr(manager, "per_layer", False):
-        manager = xti.XTIEmbeddingManager(model.cond_stage_model, unet=model.model.diffusion_model,
-                                          placeholder_strings=list(manager.string_to_token_dict) or None)
+    if not manager.per_layer:
+        manager = XTIEmbeddingManager(model.cond_stage_model, unet=model.model.diffusion_model,
+                                      placeholder_strings=list(manager.string_to_token_dict) or None)
         model.embedding_manager = manager.to(model.device)
     return manager
 
