@@ -22,12 +22,11 @@ import sys
 import tempfile
 import time
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, SCRIPTS)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs from a checkout
 
 import torch  # noqa: E402
 
-import benchmark_ti as bt  # noqa: E402
+import benchmark_common as bc  # noqa: E402
 
 LOOPS = ("ours", "diffusers")
 
@@ -36,7 +35,7 @@ def ours_sampler(model, config, device, prompt, batch_size, precision):
     from ldm.models.diffusion.ddim import DDIMSampler
     model.eval()
     sampler = DDIMSampler(model)
-    dtype = bt.DTYPES[precision]
+    dtype = bc.DTYPES[precision]
     if precision != "fp32":
         model.model.diffusion_model.convert_torso(dtype)
     with torch.no_grad():
@@ -55,8 +54,8 @@ def ours_sampler(model, config, device, prompt, batch_size, precision):
 
 def diffusers_sampler(model, config, device, prompt, batch_size, precision):
     from diffusers import DDIMScheduler
-    unet, vae, text_encoder = bt.diffusers_modules(model, config)
-    dtype = bt.DTYPES[precision]  # a pipeline loaded with torch_dtype runs its modules in that dtype
+    unet, vae, text_encoder = bc.diffusers_modules(model, config)
+    dtype = bc.DTYPES[precision]  # a pipeline loaded with torch_dtype runs its modules in that dtype
     unet, text_encoder = unet.to(device, dtype).eval(), text_encoder.to(device, dtype).eval()
     vae = vae.to(device, dtype)  # not run in the loop, but a pipeline holds it, as our model holds its first stage
     tokenizer = model.cond_stage_model.tokenizer
@@ -93,8 +92,8 @@ def measure_loop(args, loop):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = bt.load_config(args)
-    model = bt.build_model(config, device, args.seed)
+    config = bc.load_config(args)
+    model = bc.build_model(config, device, args.seed)
     make = ours_sampler if loop == "ours" else diffusers_sampler
     sample = make(model, config, device, args.prompt, args.batch_size, args.precision)
     if loop == "diffusers":
@@ -103,22 +102,22 @@ def measure_loop(args, loop):
     latent = args.size // 2 ** (len(p.first_stage_config.params.ddconfig.ch_mult) - 1)
     x_T = torch.randn(args.batch_size, p.channels, latent, latent, generator=torch.Generator().manual_seed(args.seed))
     x_T = x_T.to(device)
-    reset_worked = bt.reset_peak_memory(device)
+    reset_worked = bc.reset_peak_memory(device)
     sample(x_T, 2, args.guidance)  # warm-up
-    bt.synchronize(device)
+    bc.synchronize(device)
     start = time.perf_counter()
     out = sample(x_T, args.steps, args.guidance)
-    bt.synchronize(device)
+    bc.synchronize(device)
     seconds = time.perf_counter() - start
     return {"loop": loop, "seconds_per_step": seconds / args.steps, "seconds": seconds,
-            "peak_memory_mib": bt.peak_memory_mib(device, reset_worked)}, out.float().cpu()
+            "peak_memory_mib": bc.peak_memory_mib(device, reset_worked)}, out.float().cpu()
 
 
 def run(args):
     cases = list(LOOPS)
     runs = {loop: [] for loop in cases}
     finals = {}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [bt.ROOT, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [bc.ROOT, os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory() as workdir:
         for rep in range(args.repeats):
             for loop in (cases if rep % 2 == 0 else cases[::-1]):
@@ -141,8 +140,8 @@ def run(args):
                for loop, rs in runs.items()}
     ratios = {"sampling_speedup": summary["diffusers"]["seconds_per_step"] / summary["ours"]["seconds_per_step"],
               "sampling_peak_memory_ratio": summary["ours"]["peak_memory_mib"] / summary["diffusers"]["peak_memory_mib"]}
-    return {"config": os.path.relpath(args.config, bt.ROOT), "device": args.device,
-            "device_name": bt.device_name(torch.device(args.device)), "torch": torch.__version__,
+    return {"config": os.path.relpath(args.config, bc.ROOT), "device": args.device,
+            "device_name": bc.device_name(torch.device(args.device)), "torch": torch.__version__,
             "threads": args.threads or torch.get_num_threads(), "size": args.size, "batch_size": args.batch_size,
             "steps": args.steps, "guidance": args.guidance, "precision": args.precision, "repeats": args.repeats, "loops": summary,
             "ratios": ratios, "max_abs_diff_final_latents": (finals["ours"] - finals["diffusers"]).abs().max().item(),
@@ -183,10 +182,10 @@ def parse_args(argv=None):
     p.add_argument("--child_out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.config = args.config or bt.SMOKE_CONFIG
+        args.config = args.config or bc.SMOKE_CONFIG
         args.size = args.size or 32
         args.steps, args.threads = 3, args.threads or 1
-    args.config = os.path.abspath(args.config or bt.SD_CONFIG)
+    args.config = os.path.abspath(args.config or bc.SD_CONFIG)
     args.size = args.size or (512 if args.device.startswith("cuda") else 256)
     if args.steps < 1 or args.repeats < 1:
         p.error("--steps and --repeats must be at least 1")

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 import main as entry
 from ldm.checkpoint import atomic_write, load_state_dict, save_state_dict
 from ldm.cli_checks import sampling_problems, user_error_message
+from ldm.run import RUN_DIR_ENV, claim_run_dir
 from ldm.util import ConfigError, instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,12 +105,12 @@ def test_the_frozen_weights_a_run_checkpoint_omits_are_the_named_exception(tmp_p
 
 # ---------------------------------------------------------------------------------------- 5. exclusive folders
 def test_log_folders_are_claimed_exclusively(tmp_path, monkeypatch):
-    monkeypatch.delenv(entry.RUN_DIR_ENV, raising=False)
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     claimed, barrier = [], threading.Barrier(8)
 
     def claim():
         barrier.wait()
-        claimed.append(entry.claim_run_dir(str(tmp_path / "logs" / "same_name")))
+        claimed.append(claim_run_dir(str(tmp_path / "logs" / "same_name")))
 
     threads = [threading.Thread(target=claim) for _ in range(8)]
     for t in threads:

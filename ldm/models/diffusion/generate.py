@@ -9,6 +9,7 @@ import torch
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.conditioning import check_batch_size
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.ddim_schedule_sampler import record_step
 from ldm.models.diffusion.plms import PLMSSampler
 
 
@@ -70,13 +71,7 @@ class KSampler:
         intermediates = {"x_inter": [start], "pred_x0": [start]}
 
         def report(i, x, denoised):
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(denoised, i)
-            if i % log_every_t == 0 or i == S - 1:
-                intermediates["x_inter"].append(x)
-                intermediates["pred_x0"].append(denoised)
+            record_step(intermediates, i, x, denoised, i % log_every_t == 0 or i == S - 1, callback, img_callback)
 
         args = [denoiser, x, sigmas]
         if self.spec.noise == "brownian":

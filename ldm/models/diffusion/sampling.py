@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ldm.models.diffusion.conditioning import guided_output
-from ldm.models.diffusion.sampling_util import model_dtype
+from ldm.util import model_dtype
 
 
 # ------------------------------------------------------------------------------------------- the denoiser

@@ -1,4 +1,5 @@
-"""What the DDIM and PLMS samplers share: the sub-sampled schedule, the guided model call and the DDIM update.
+"""DDIMScheduleSampler, the base class of DDIMSampler and PLMSSampler: the sub-sampled schedule, the guided noise
+estimate and the DDIM update they share.
 
 Both samplers walk the same sub-sequence of the model's timesteps and differ only in which noise
 estimate they feed the DDIM update (Song et al. 2020, eq. 12): DDIM the current one, PLMS a
@@ -11,14 +12,19 @@ from tqdm import tqdm
 from ldm.models.diffusion.conditioning import check_batch_size, guided_output
 from ldm.modules.diffusionmodules.util import (extract_into_tensor, make_ddim_sampling_parameters,
                                                make_ddim_timesteps, noise_like)
+from ldm.util import model_dtype
 
 
-def model_dtype(model):
-    """The dtype the model computes in: that of its first floating-point parameter (float32 if it has none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+def record_step(intermediates, i, x, pred_x0, keep, callback=None, img_callback=None):
+    """Every sampler's progress hooks after step i: callback(i), img_callback(x0 estimate, i), and, where `keep`,
+    x and the x0 estimate appended to `intermediates`."""
+    if callback:
+        callback(i)
+    if img_callback:
+        img_callback(pred_x0, i)
+    if keep:
+        intermediates["x_inter"].append(x)
+        intermediates["pred_x0"].append(pred_x0)
 
 
 class DDIMScheduleSampler:
@@ -157,11 +163,6 @@ class DDIMScheduleSampler:
                     raise ValueError("A mask needs the known image x0.")
                 x = self.model.q_sample(x0, t, noise=self.randn(x0.shape)) * mask + (1. - mask) * x
             x, pred_x0 = step(x, t, t_next, index)
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(x)
-                intermediates["pred_x0"].append(pred_x0)
+            record_step(intermediates, i, x, pred_x0, index % log_every_t == 0 or index == total - 1, callback,
+                        img_callback)
         return x, intermediates
