@@ -35,7 +35,7 @@ def resolve_run_dir(opt, now):
         configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
         if not configs:
             raise UsageError(f"{logdir} has no configs/*.yaml: -r takes a log directory written by main.py "
-                             "(logs/<time>_<name>) or a checkpoint inside its checkpoints/ folder.")
+                             "(a run folder under logs/) or a checkpoint inside its checkpoints/ folder.")
         opt.base = configs + list(opt.base)
         return logdir, os.path.basename(logdir), ckpt
     if opt.name:

@@ -77,7 +77,8 @@ def test_every_manager_kind_is_an_embedding_manager_protocol_and_a_non_manager_i
     assert (ordinary.per_layer, per_layer.per_layer, MultiEmbeddingManager.per_layer) == (False, True, False)
     encoder = model.cond_stage_model
     assert ordinary.manager_for(encoder) is ordinary and per_layer.manager_for(encoder) is per_layer
-    assert ordinary.concepts == per_layer.concepts == ["*"] and ordinary.interchange_format() is None
+    assert ordinary.concepts == per_layer.concepts == ["*"]
+    assert (ordinary.interchange_format(), per_layer.interchange_format()) == ("a1111-safetensors", None)
     assert not isinstance(torch.nn.Linear(2, 2), EmbeddingManagerProtocol)
     config = OmegaConf.create(OmegaConf.to_container(tiny_config))
     config.model.params.personalization_config.target = "torch.nn.Identity"

@@ -138,7 +138,8 @@ class EmbeddingManager(nn.Module):
         return self
 
     def interchange_format(self):
-        return None
+        """One concept: also the AUTOMATIC1111 layout ({"emb_params"}) the webui, kohya and diffusers read."""
+        return "a1111-safetensors" if len(self.concepts) == 1 else None
 
     @property
     def max_vectors_per_token(self):
@@ -268,7 +269,8 @@ class EmbeddingManager(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save(self, ckpt_path, step=None, name=None, fmt="official"):
-        """Write `fmt` (the official format by default: plain tensors, loadable with torch.load(weights_only=True))."""
+        """Write the official format (plain tensors, loadable with torch.load(weights_only=True)), or another
+        format of embedding_io.FORMATS (one concept for the one-concept formats)."""
         strings = list(self.string_to_param_dict)
         if self.string_to_token_sequence:
             raise ValueError(

@@ -74,6 +74,10 @@ class XTIEmbeddingManager(EmbeddingManager):
         raise NotImplementedError("XTI is for one-encoder models whose conditioning is the last hidden state "
                                   "(SD v1, SD 2.x, LDM, the toy model).")
 
+    def interchange_format(self):
+        """None: other tools read no per-layer layout but kohya's (scripts/convert_embedding.py --to kohya-xti)."""
+        return None
+
     def embedding_to_coarse_loss(self):
         """The ordinary regulariser averaged over layers (equal to it when every layer holds the same set)."""
         return super().embedding_to_coarse_loss() / len(self.layer_names)

@@ -128,9 +128,10 @@ class TextualInversion:
             self.write_embeddings(ckpt_dir)
 
     def write_embeddings(self, ckpt_dir):
-        """embeddings.pt and embeddings_gs-<step>.pt in the official layout of the model's family, and where the
-        manager has one (SDXL, one concept: {"clip_l", "clip_g"}) embeddings.safetensors in the format other
-        tools read."""
+        """embeddings.pt and embeddings_gs-<step>.pt in the official layout of the model's family; with one
+        concept also embeddings.safetensors, the AUTOMATIC1111 layout that the webui, kohya and diffusers read
+        ({"emb_params"}; SDXL: {"clip_l", "clip_g"}): the manager's `interchange_format`. XTI runs write their
+        official layout only."""
         manager = self.embedding_manager
         for name in ("embeddings.pt", f"embeddings_gs-{self.global_step}.pt"):
             manager.save(os.path.join(ckpt_dir, name), step=self.global_step)
