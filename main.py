@@ -28,6 +28,7 @@ from ldm.callbacks import (ImageLogger, InterruptCheckpoint, RunInterrupted, Set
                            ThreadShare)
 from ldm.checkpoint import CheckpointError, SafeCheckpointIO, check_weights, load_checkpoint, remove_stray_temporaries
 from ldm.cli_checks import user_error_message
+from ldm.config_trust import check_config_targets, load_yaml
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401 (YAML targets)
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -39,14 +40,6 @@ DEFAULT_SEED = 23
 LOGGERS = ("csv", "tensorboard", "wandb")
 # A new run claims its folder (os.mkdir, exclusive); DDP workers that Lightning starts inherit the claimed name.
 RUN_DIR_ENV = "TEXTUAL_INVERSION_RUN_DIR"
-# `target:`s a run's configs may name on -r without --trust_config: this project's modules and these.
-TRUSTED_TARGET_PREFIXES = ("ldm.", "main.")
-TRUSTED_TARGETS = {
-    "torch.nn.Identity",
-    "pytorch_lightning.callbacks.ModelCheckpoint", "pytorch_lightning.callbacks.LearningRateMonitor",
-    "pytorch_lightning.loggers.CSVLogger", "pytorch_lightning.loggers.TensorBoardLogger",
-    "pytorch_lightning.loggers.WandbLogger",
-}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # Trainer options exposed as flags: name -> argparse type. Unset flags leave `lightning.trainer` alone.
@@ -198,39 +191,7 @@ def choose_resume_checkpoint(logdir, requested, explicit):
                      + ". Start a new run (without -r), or pass a checkpoint with -r FILE.")
 
 
-def check_config_targets(config_paths, trust):
-    """Configs are code: refuse a run's configs that would import anything outside this project."""
-    def targets(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("target"), str):
-                yield node["target"]
-            for value in node.values():
-                yield from targets(value)
-        elif isinstance(node, list):
-            for value in node:
-                yield from targets(value)
-
-    foreign = []
-    for path in config_paths:
-        for target in targets(OmegaConf.to_container(_load_yaml(path))):
-            if not target.startswith(TRUSTED_TARGET_PREFIXES) and target not in TRUSTED_TARGETS:
-                foreign.append(f"{target} ({path})")
-    if foreign and not trust:
-        raise UsageError("The run's configs would import code from outside this project: " + ", ".join(foreign)
-                         + ". Configs are code: check these files, and if you trust them re-run with --trust_config.")
-    for item in foreign:
-        print(f"Trusting config target {item} (--trust_config)")
-
-
 # ----------------------------------------------------------------------------------------------------- configs
-def _load_yaml(path):
-    try:
-        return OmegaConf.load(path)
-    except Exception as err:  # yaml's ScannerError/ParserError, a config that is not a mapping, unreadable
-        detail = " ".join(str(err).split())[:200]
-        raise UsageError(f"Config {path} could not be read ({type(err).__name__}: {detail}): fix the YAML.") from None
-
-
 def load_config(opt, unknown):
     """Merge the base configs and the dotlist overrides; -> (config without `lightning` and `run`, lightning
     config, run config: what main.py itself records about the run, e.g. its seed)."""
@@ -245,7 +206,7 @@ def load_config(opt, unknown):
         overrides = OmegaConf.from_dotlist(unknown)
     except Exception as err:
         raise UsageError(f"Could not parse the overrides {unknown}: {err}") from None
-    config = OmegaConf.merge(*[_load_yaml(p) for p in opt.base], overrides)
+    config = OmegaConf.merge(*[load_yaml(p) for p in opt.base], overrides)
     lightning_config = config.pop("lightning", OmegaConf.create())
     run_config = config.pop("run", OmegaConf.create())
     if "model" not in config:

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from ldm.data.image_ops import load_rgb
 from ldm.util import load_font
 
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207),
@@ -173,7 +174,7 @@ class LearningCurve(Callback):
             return
         self.placeholder = next(iter(manager.string_to_token_dict))
         self.prompt = self.prompt_template.format(self.placeholder)
-        self.concept_images = [Image.open(p).convert("RGB") for p in self._training_image_paths(trainer)]
+        self.concept_images = [load_rgb(p) for p in self._training_image_paths(trainer)]
         if not self.concept_images and (self.toy_target == "auto" or not self.toy_target):
             rank_zero_info("LearningCurve: the training dataset lists no image files to compare with; "
                            "no learning curve.")

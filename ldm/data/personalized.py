@@ -8,7 +8,9 @@ from PIL import Image
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.image_ops import center_crop, hflip, load_rgb, resample_filter, resize, to_model_range
+from ldm.data.image_ops import (WHITE, background_colour, center_crop, hflip, load_rgb, resample_filter, resize,
+                                to_model_range)
+from ldm.util import InputFileError, open_input_file
 
 imagenet_templates_smallest = [
     'a photo of a {}',
@@ -140,8 +142,10 @@ MIN_USEFUL_SIDE = 8  # px; smaller training images are almost certainly a mistak
 def list_images(data_root):
     """Sorted paths of the readable images in `data_root`.
 
-    Hidden files are ignored; anything else PIL cannot open is skipped with one warning naming it.
-    A missing folder or one without images is an error naming the folder.
+    Hidden files are ignored; anything else that is not a regular file PIL can open (a subfolder, a pipe or
+    device, a damaged file) is skipped, with one warning naming each and why: a concept folder often holds
+    other things, and the run goes on with its images. A missing folder or one without images is an error
+    naming the folder.
     """
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"Training image folder {data_root!r} does not exist (check --data_root)")
@@ -151,11 +155,15 @@ def list_images(data_root):
             continue
         path = os.path.join(data_root, name)
         try:
-            with Image.open(path) as image:
+            # a FIFO would block Image.open forever: open_input_file refuses anything but a regular file
+            with open_input_file(path, "image") as f, Image.open(f) as image:
                 size = image.size
             images.append(path)
-        except OSError:  # not an image (UnidentifiedImageError), a folder, unreadable
-            skipped.append(name)
+        except (InputFileError, Image.DecompressionBombError) as err:  # a folder, a pipe, an absurd size
+            skipped.append(str(err))
+            continue
+        except OSError:  # not an image (UnidentifiedImageError), damaged
+            skipped.append(f"{name} is not an image, or is damaged")
             continue
         if min(size) < MIN_USEFUL_SIDE:
             tiny.append(f"{name} ({size[0]}x{size[1]} px)")
@@ -163,7 +171,8 @@ def list_images(data_root):
         warnings.warn(f"Tiny images in {data_root!r}: {', '.join(tiny)}; they are upscaled to the training size "
                       "and carry almost nothing of the concept.")
     if skipped:
-        warnings.warn(f"Skipping {len(skipped)} non-image entries in {data_root!r}: {', '.join(skipped)}")
+        warnings.warn(f"Skipping {len(skipped)} entries of {data_root!r} that are not readable images: "
+                      f"{'; '.join(skipped)}")
     if not images:
         raise ValueError(f"No readable images in training image folder {data_root!r}"
                          + (f" ({len(skipped)} files are not images or are damaged)" if skipped else "")
@@ -194,6 +203,7 @@ class PersonalizedBase(Dataset):
                  mixing_prob=0.25,
                  coarse_class_text=None,
                  size_conditioning=False,
+                 background=WHITE,
                  ):
         self.data_root = data_root
         self.image_paths = list_images(data_root)
@@ -211,6 +221,8 @@ class PersonalizedBase(Dataset):
         self.coarse_class_text = coarse_class_text
         # SDXL's micro-conditioning: each image's source size, crop and target size (set by SDXL configs)
         self.size_conditioning = size_conditioning
+        # what transparent pixels of the training images show (`background:` in the data params)
+        self.background = background_colour(background)
         self._sizes = {}
 
         if per_image_tokens and self.num_images > len(per_img_token_list):
@@ -233,7 +245,8 @@ class PersonalizedBase(Dataset):
     def prepared_image(self, image_index):
         """The image before the random flip: RGB, optionally centre-cropped, resized."""
         if image_index not in self._prepared:
-            image = load_rgb(self.image_paths[image_index])
+            # huge images are reduced while decoding, never below the training size
+            image = load_rgb(self.image_paths[image_index], self.background, min_side=self.size)
             width, height = image.size
             crop = (0, 0)
             if self.center_crop:
@@ -245,7 +258,8 @@ class PersonalizedBase(Dataset):
             if self.size is not None:
                 image = resize(image, self.size, self.interpolation)
             self._prepared[image_index] = image
-            self._sizes[image_index] = {"original_size_as_tuple": torch.tensor([height, width]),
+            original_width, original_height = image.info["original_size"]
+            self._sizes[image_index] = {"original_size_as_tuple": torch.tensor([original_height, original_width]),
                                         "crop_coords_top_left": torch.tensor(crop),
                                         "target_size_as_tuple": torch.tensor([image.size[1], image.size[0]])}
         return self._prepared[image_index]
