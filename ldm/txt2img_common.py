@@ -160,6 +160,21 @@ def warn_lost_placeholders(model, prompts):
                           f"token, so the learned concept is not used there: put spaces around {name!r}.")
 
 
+def warn_cut_prompts(model, prompts):
+    """One line for each prompt longer than the text encoder reads, saying how many tokens are cut (the
+    tokenizer truncates silently; its own warning about indexing errors does not apply to us)."""
+    manager = getattr(model, "embedding_manager", None)
+    managers = list(manager.managers.values()) if hasattr(manager, "managers") else [manager]
+    for prompt in sorted(prompts):
+        for one in managers:
+            positions = one.prompt_positions(prompt) if hasattr(one, "prompt_positions") else 0
+            if positions > one.max_length:
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                warnings.warn(f"The prompt {shown!r} is {positions - 2} tokens long; the text encoder reads "
+                              f"{one.max_length - 2}, so the last {positions - one.max_length} are cut.")
+                break
+
+
 def autocast_dtype(opt):
     """bfloat16 on CPUs, float16 on GPUs; None without --precision autocast."""
     if opt.precision != "autocast":
@@ -191,6 +206,7 @@ def main(parser, argv=None):
         start_code = torch.randn([opt.n_samples, *shape], generator=generator).to(opt.device)
 
     warn_lost_placeholders(model, {prompt for prompts in batches for prompt in prompts})
+    warn_cut_prompts(model, {prompt for prompts in batches for prompt in prompts})
     written, all_samples = [], []
     tic = time.time()
     with torch.no_grad(), precision_scope(opt), model.ema_scope():

@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.embedding_io import check_floating
 from ldm.modules.embedding_manager import EmbeddingManager
 
 XTI_FORMATS = ("official", "kohya-xti")
@@ -79,8 +80,9 @@ def xti_layout(data):
         return None
     if "string_to_param" in data and "xti_layers" in data:
         return "official"
-    keys = [str(k) for k in data]
-    if "MID" in keys and all(_KOHYA_LAYER.fullmatch(k) for k in keys):
+    # every key a kohya layer name: an XTI file even when a layer is missing (load_xti names it), never
+    # one concept per layer
+    if all(_KOHYA_LAYER.fullmatch(str(k)) for k in data):
         return "kohya-xti"
     return None
 
@@ -89,6 +91,7 @@ def _vectors(tensor, path, key, ndim):
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != ndim:
         got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{path}: XTI entry {key!r} should have {ndim} dimensions, got {got}")
+    check_floating(tensor, path, f"XTI entry {key!r}")
     tensor = tensor.detach().to(torch.float32)
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{path}: XTI entry {key!r} holds NaN or infinite values (training diverged?)")
@@ -106,14 +109,14 @@ def read_xti_file(path):
     layout = xti_layout(data)
     if layout == "official":
         layers = tuple(str(n) for n in data["xti_layers"])
-        params = _plain_mapping(data["string_to_param"])
-        tokens = _plain_mapping(data.get("string_to_token", {}))
+        params = _plain_mapping(data["string_to_param"], path, "string_to_param")
+        tokens = _plain_mapping(data.get("string_to_token", {}), path, "string_to_token")
         vectors = {s: _vectors(v, path, s, 3) for s, v in params.items()}
         bad = {s: v.shape[0] for s, v in vectors.items() if v.shape[0] != len(layers)}
         if bad:
             raise ValueError(f"{path}: xti_layers names {len(layers)} layers but {bad} hold other counts")
         return XTIFile(vectors, layers, {s: _token_id(tokens.get(s)) for s in vectors}, data.get("name"),
-                       _optional_int(data.get("step")), "official")
+                       _optional_int(data.get("step"), path), "official")
     if layout == "kohya-xti":  # {layer name: [n, d]}, one concept named by the file name, as kohya's tools do
         layers = tuple(sorted(map(str, data), key=layer_order))
         stacked = torch.stack([_vectors(data[k], path, k, 2) for k in layers])
@@ -248,6 +251,11 @@ class XTIEmbeddingManager(EmbeddingManager):
                 emb = load_embedding_file(path, target_widths=(self.token_dim,))
                 loaded += [(path, name, vectors) for name, vectors in emb.vectors.items()]
                 continue
+            missing = [name for name in self.layer_names if name not in xti.layers]
+            if missing and set(xti.layers) < set(self.layer_names):
+                raise ValueError(f"{path} is an extended textual inversion (XTI / P+) embedding without the "
+                                 f"layer{'s' if len(missing) > 1 else ''} {' '.join(missing)} of this model's "
+                                 f"{len(self.layer_names)}: the file is incomplete.")
             if xti.layers != self.layer_names:
                 raise ValueError(f"{describe_xti(path, xti.layers)}; this model's UNet has "
                                  f"{len(self.layer_names)} ({' '.join(self.layer_names)}): it was trained for "

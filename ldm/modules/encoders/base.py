@@ -5,8 +5,9 @@ It is a runtime-checkable `typing.Protocol`, not a base class, because the encod
 shape alone, without inheriting from us. `isinstance(encoder, TextEncoder)` checks member presence (not
 signatures), enough for the code that instantiates a config to refuse a wrong class with a clear message.
 
-Two facts about an encoder are derived rather than required, so the existing encoders need no change:
-`is_single_token` (a placeholder must be exactly one token) and `embedding_key` (the key of this encoder's
+Three facts about an encoder are derived rather than required, so the existing encoders need no change:
+`is_single_token` (a placeholder must be exactly one token), `context_length` (positions per prompt) and
+`embedding_key` (the key of this encoder's
 vectors in an embedding file: "clip_l"/"clip_g" for the two encoders of SDXL, None for the one-encoder layout
 `string_to_param` of SD v1, SD 2.x and LDM).
 """
@@ -35,6 +36,12 @@ class TextEncoder(Protocol):
 def is_single_token(encoder: TextEncoder, string: str) -> bool:
     """Whether `string` is exactly one token for `encoder`'s tokenizer (a placeholder must be)."""
     return len(encoder.string_to_token_ids(string)) == 1
+
+
+def context_length(encoder: TextEncoder) -> int:
+    """Positions `encoder` reads per prompt, start and end tokens included (its `max_length`; 77, CLIP's, when
+    it does not say)."""
+    return getattr(encoder, "max_length", 77)
 
 
 def embedding_key(encoder: TextEncoder) -> Optional[str]:
