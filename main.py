@@ -30,7 +30,7 @@ from ldm.checkpoint import CheckpointError, SafeCheckpointIO, check_weights, loa
 from ldm.cli_checks import user_error_message
 from ldm.config_trust import check_config_targets, load_yaml
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401 (YAML targets)
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, check_parameters, instantiate_from_config
 
 if __name__ == "__main__":
     # configs name `main.DataModuleFromConfig`: let that find this module instead of importing main.py twice
@@ -355,6 +355,7 @@ def trainer_options(opt, lightning_config):
         options["limit_val_batches"] = float(v) if "." in v else int(v)
     if options.get("precision") is not None and str(options["precision"]).isdigit():
         options["precision"] = int(options["precision"])
+    check_parameters(pl.Trainer, options, "lightning.trainer")
     lightning_config.trainer = options
     return dict(options)
 

@@ -2,7 +2,9 @@
 config targets in the sampling scripts, silent nonsense in embeddings and prompts, raw tracebacks, and images
 of unusual kinds. Every hostile input is built here; the FIFO tests run in a subprocess with a timeout, so a
 regression fails instead of hanging the suite."""
+import errno
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -12,14 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from safetensors.torch import save_file
 
 from conftest import load_script, write_concept_images
-from ldm.cli_checks import run_cli
+from ldm.cli_checks import run_cli, user_error_message
 from ldm.config_trust import load_trusted_config
 from ldm.data.image_ops import load_rgb
 from ldm.data.personalized import PersonalizedBase
+from ldm.modules.embedding_io import EmbeddingLoadError, load_embedding_file, load_embeddings
+from ldm.modules.embedding_manager import EmbeddingManager
+from ldm.modules.xti import read_xti_file
 from ldm.txt2img_common import read_prompt_file
 from ldm.util import ConfigError, InputFileError
 
@@ -27,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIFOS = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
 stable_txt2img = load_script("stable_txt2img")
 evaluate_model = load_script("evaluate_model")
+convert_embedding = load_script("convert_embedding")
 
 
 def run_python(code, timeout=120):
@@ -227,3 +236,124 @@ def test_a_huge_image_is_reduced_while_decoding_never_below_the_training_size(tm
     example = dataset[0]
     assert example["image"].shape == (64, 64, 3)
     assert example["original_size_as_tuple"].tolist() == [2000, 3000]  # SDXL conditions on the file's size
+
+
+# ------------------------------------------------------------------------ 3. no silent nonsense from embeddings
+@pytest.fixture
+def tiny_model():
+    from conftest import build_tiny_model
+    return build_tiny_model(OmegaConf.load(ROOT / "configs/tiny/txt2img-tiny.yaml"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_an_embedding_stored_as_integers_is_refused_naming_the_type(tmp_path, dtype):
+    path = tmp_path / "ints.safetensors"
+    save_file({"emb_params": torch.ones(2, 768, dtype=dtype)}, str(path))
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=f"ints.safetensors: embedding 'ints' is stored as {name}, not as real"):
+        load_embedding_file(str(path))
+    kohya_xti = tmp_path / "xti.safetensors"
+    save_file({layer: torch.ones(1, 32, dtype=dtype) for layer in ("IN01", "MID", "OUT00")}, str(kohya_xti))
+    with pytest.raises(ValueError, match=f"XTI entry 'IN01' is stored as {name}"):
+        read_xti_file(str(kohya_xti))
+
+
+def test_an_embedding_that_can_never_fit_a_prompt_is_refused_naming_the_count(tmp_path, tiny_model):
+    path = tmp_path / "huge.safetensors"
+    save_file({"emb_params": torch.randn(10_000, 32)}, str(path))
+    with pytest.raises(EmbeddingLoadError, match="'huge' has 10000 vectors, but a prompt holds at most 75"):
+        load_embeddings(tiny_model, [str(path)])
+    fits = tmp_path / "fits.safetensors"
+    save_file({"emb_params": torch.randn(75, 32)}, str(fits))
+    assert load_embeddings(tiny_model, [str(fits)])[0][2] == 75  # the most a prompt can hold is accepted
+    with pytest.raises(ValueError, match="has 76 vectors"):  # training asks the same question
+        EmbeddingManager(tiny_model.cond_stage_model, ["*"], num_vectors_per_token=76)
+
+
+def test_a_prompt_cut_by_the_tokenizer_is_one_line_with_the_count(tmp_path, tiny_model, capfd):
+    from ldm.txt2img_common import warn_cut_prompts
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_cut_prompts(tiny_model, {"a photo of a red cat " * 250, "a photo of *"})
+    assert [str(w.message) for w in caught] == [
+        "The prompt 'a photo of a red cat a photo of a red cat a photo of a re...' is 1500 tokens long; the text "
+        "encoder reads 75, so the last 1425 are cut."]
+    assert "Token indices sequence length" not in "".join(capfd.readouterr())  # the tokenizer's own noise
+    save_file({"emb_params": torch.randn(4, 32)}, str(tmp_path / "four.safetensors"))
+    load_embeddings(tiny_model, [str(tmp_path / "four.safetensors")], ["*"])  # "*" takes three more positions
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_cut_prompts(tiny_model, {"a " * 73 + "*"})
+    assert len(caught) == 1 and "is 77 tokens long" in str(caught[0].message)
+    assert "the last 2 are cut" in str(caught[0].message)
+
+
+def test_a_kohya_xti_file_missing_a_layer_is_refused_naming_it(tmp_path, tiny_model):
+    from ldm.modules.xti import XTIEmbeddingManager
+    manager = XTIEmbeddingManager(tiny_model.cond_stage_model, unet=tiny_model.model.diffusion_model)
+    layers = [name for name in manager.layer_names if name != "MID"]
+    path = tmp_path / "no-mid.safetensors"
+    save_file({layer: torch.randn(1, 32) for layer in layers}, str(path))
+    assert read_xti_file(str(path)).layers == tuple(layers)  # XTI by its layer names, not six concepts
+    with pytest.raises(ValueError, match="no-mid.safetensors is an extended textual inversion .* 6 cross-attention"):
+        load_embedding_file(str(path))
+    with pytest.raises(ValueError, match="without the layer MID of this model's 7: the file is incomplete"):
+        manager.load(str(path))
+
+
+# ------------------------------------------------------------------------------ 4. one line, not a traceback
+def test_outdir_that_is_a_file_is_one_line(tmp_path, tiny_ckpt):
+    (tmp_path / "taken").write_text("not a folder")
+    message = one_line_exit(stable_txt2img.main, ["--config", str(ROOT / "configs/tiny/txt2img-tiny.yaml"), "--ckpt",
+                                                  str(tiny_ckpt), "--device", "cpu", "--outdir",
+                                                  str(tmp_path / "taken")])
+    assert "--outdir" in message and "taken is a file, not a folder" in message
+    nested = NotADirectoryError(errno.ENOTDIR, "Not a directory", str(tmp_path / "taken" / "samples"))
+    assert "part of that path is a file" in user_error_message(nested)  # the same below any output folder
+
+
+def test_a_trainer_key_typo_gets_did_you_mean(tmp_path, tiny_ckpt, concept_dir):
+    import main as entry
+    with pytest.raises(ConfigError, match="Unknown config key `max_step` for lightning.trainer: did you mean "
+                                          "`max_steps`"):
+        entry.main(["--base", str(ROOT / "configs/tiny/finetune-tiny.yaml"), "-t", "--actual_resume", str(tiny_ckpt),
+                    "--data_root", str(concept_dir), "-l", str(tmp_path / "logs"), "lightning.trainer.max_step=3"])
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("param_is_int", "string_to_param should map names to vectors, got int"),
+    ("vector_is_int", "embedding '\\*' should be a \\[d\\] or \\[n, d\\] tensor, got int"),
+    ("bad_step", "its step 'abc' is not a whole number"),
+    ("fractional_step", "its step 2.5 is not a whole number")])
+def test_convert_embedding_names_the_file_and_what_is_wrong(tmp_path, capsys, kind, expected):
+    vectors = {"*": torch.randn(1, 768)}
+    data = {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": vectors, "name": "x", "step": 3}
+    data.update({"param_is_int": {"string_to_param": 5}, "vector_is_int": {"string_to_param": {"*": 5}},
+                 "bad_step": {"step": "abc"}, "fractional_step": {"step": 2.5}}[kind])
+    path = tmp_path / f"{kind}.pt"
+    torch.save(data, path)
+    assert convert_embedding.main(["--input", str(path), "--output", str(tmp_path / "out.pt"), "--to", "a1111"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"convert_embedding: {path}: ") and re.search(expected, err), err
+
+
+def test_a_full_disk_in_convert_embedding_is_one_line_and_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "embeddings.pt"
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": torch.randn(1, 768)}}, source)
+    destination = tmp_path / "out" / "learned.safetensors"
+    destination.parent.mkdir()
+    destination.write_bytes(b"the previous conversion")
+
+    def disk_full(tensors, filename, metadata=None):  # the disk fills while the tensors are written
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    assert convert_embedding.main(["--input", str(source), "--output", str(destination), "--to", "kohya"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"convert_embedding: cannot write {destination}: no space left on the device. Files already "
+                   "written are intact; free space or fix permissions, or choose another output folder."), err
+    assert destination.read_bytes() == b"the previous conversion"
+    assert os.listdir(destination.parent) == ["learned.safetensors"]  # no temporary left behind
