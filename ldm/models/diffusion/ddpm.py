@@ -506,9 +506,9 @@ class LatentDiffusion(TextualInversion, DDPM):
         """
         if keys is None or not self.cache_first_stage_latents:
             return self.encode_first_stage(x)
-        # One image at a time: convolutions give results that differ in the last bits with the batch's size and
-        # companions, and a resumed run, whose cache starts empty, would encode other batches than the run it
-        # continues (measured 1.1e-6 on the tiny autoencoder, which training amplified to 1.66e-5).
+        # One image at a time: a convolution's result differs in the last bits with the batch's size and companions
+        # (1.1e-6 on the tiny autoencoder), and a resumed run, whose cache starts empty, would encode other batches
+        # than the run it continues: the one difference left between a resumed and an uninterrupted run.
         for i, key in enumerate(keys):
             if key not in self._latent_cache:
                 out = self.encode_first_stage(x[i:i + 1])
