@@ -36,7 +36,7 @@ def open_input_file(path, what, max_bytes=None):
     if stat.S_ISDIR(info.st_mode):
         problem = "is a folder, not a file"
     elif not stat.S_ISREG(info.st_mode):
-        problem = "is not a regular file (a pipe, device or socket), so it cannot be read as one"
+        problem = "is not a regular file but a pipe, device or socket: give the path of a file"
     elif max_bytes is not None and info.st_size > max_bytes:
         problem = f"is {info.st_size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.0f} MiB a {what} may be"
     if problem:
