@@ -18,7 +18,7 @@ from ldm.checkpoint import load_model_from_config
 from ldm.config_trust import load_trusted_config
 from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
 from ldm.models.diffusion.generate import SAMPLERS, generate
-from ldm.util import InputFileError, make_grid, open_input_file, to_pil
+from ldm.util import InputFileError, make_grid, read_text_file, to_pil
 
 MAX_PROMPT_FILE_BYTES = 16 * 2**20  # far more prompts than anyone samples; bounds what a wrong path can cost
 
@@ -54,6 +54,9 @@ def build_parser(description, **defaults):
     p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     p.add_argument("--scale", type=float, default=7.5,
                    help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    p.add_argument("--negative_prompt", type=str, default="",
+                   help="what the image should not show: guidance steers away from it instead of from the empty "
+                        "prompt; loaded embeddings work here by their word (e.g. EasyNegative)")
     p.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
     p.add_argument("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml",
                    help="path to the config which constructs the model")
@@ -114,15 +117,9 @@ def load_model(opt):
     return model
 
 
-def read_prompt_file(path):
+def read_prompts(path):
     """The non-blank lines of a UTF-8 prompt file; InputFileError naming the file when it is not one."""
-    with open_input_file(path, "prompt file", MAX_PROMPT_FILE_BYTES) as f:
-        data = f.read(MAX_PROMPT_FILE_BYTES + 1)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise InputFileError(f"prompt file {path} is not UTF-8 text (byte {err.start} is {data[err.start]:#04x}): "
-                             "give a text file with one prompt per line") from None
+    text = read_text_file(path, "prompt file", MAX_PROMPT_FILE_BYTES)
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputFileError(f"prompt file {path} holds no prompt: write one prompt per line")
@@ -133,7 +130,7 @@ def prompt_batches(opt):
     if not opt.from_file:
         return [opt.n_samples * [opt.prompt]]
     print(f"reading prompts from {opt.from_file}")
-    lines = iter(read_prompt_file(opt.from_file))
+    lines = iter(read_prompts(opt.from_file))
     return list(iter(lambda: list(islice(lines, opt.n_samples)), []))
 
 
@@ -205,15 +202,17 @@ def main(parser, argv=None):
     if opt.fixed_code:
         start_code = torch.randn([opt.n_samples, *shape], generator=generator).to(opt.device)
 
-    warn_lost_placeholders(model, {prompt for prompts in batches for prompt in prompts})
-    warn_cut_prompts(model, {prompt for prompts in batches for prompt in prompts})
+    all_prompts = {prompt for prompts in batches for prompt in prompts} | {opt.negative_prompt}
+    warn_lost_placeholders(model, all_prompts)
+    warn_cut_prompts(model, all_prompts)
     written, all_samples = [], []
     tic = time.time()
     with torch.no_grad(), precision_scope(opt), model.ema_scope():
         for _ in trange(opt.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data"):
                 images = generate(model, prompts, opt.sampler, opt.ddim_steps, opt.scale, opt.ddim_eta, generator,
-                                  shape, x_T=None if start_code is None else start_code[:len(prompts)]).cpu()
+                                  shape, x_T=None if start_code is None else start_code[:len(prompts)],
+                                  negative_prompt=opt.negative_prompt).cpu()
                 if not opt.skip_save:
                     for image in images:
                         path = os.path.join(sample_path, f"{base_count:05}.png")

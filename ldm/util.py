@@ -45,6 +45,17 @@ def open_input_file(path, what, max_bytes=None):
     return os.fdopen(fd, "rb")
 
 
+def read_text_file(path, what, max_bytes):
+    """The UTF-8 text of the regular file `path` (open_input_file); InputFileError naming it otherwise."""
+    with open_input_file(path, what, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputFileError(f"{what} {path} is not UTF-8 text (byte {err.start} is {data[err.start]:#04x}): "
+                             "write it as UTF-8 text") from None
+
+
 def get_obj_from_str(string):
     module, _, name = string.rpartition(".")
     try:

@@ -28,7 +28,7 @@ from ldm.data.personalized import PersonalizedBase
 from ldm.modules.embedding_io import EmbeddingLoadError, load_embedding_file, load_embeddings
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.modules.xti import read_xti_file
-from ldm.txt2img_common import read_prompt_file
+from ldm.txt2img_common import read_prompts
 from ldm.util import ConfigError, InputFileError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,16 @@ def test_a_fifo_among_the_training_images_is_skipped_naming_it_and_main_trains(t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "z.png is not a regular file but a pipe" in result.stderr
     assert "train, PersonalizedBase, 300" in result.stdout  # the three images, 100 repeats each
+
+
+@FIFOS
+def test_a_fifo_caption_file_is_refused_naming_it(tmp_path):
+    concept = write_concept_images(tmp_path / "concept")
+    os.mkfifo(concept / "concept_0.txt")  # where concept_0.png's caption would be
+    result = run_python("from ldm.data.personalized import PersonalizedBase\n"
+                        f"PersonalizedBase({str(concept)!r})", timeout=60)
+    assert result.returncode != 0 and "InputFileError" in result.stderr
+    assert "caption file" in result.stderr and "concept_0.txt is not a regular file" in result.stderr
 
 
 @FIFOS
@@ -109,13 +119,13 @@ def test_prompt_files_that_are_not_prompt_files_say_what_they_are(tmp_path, kind
         with open(path, "wb") as f:
             f.truncate(17 * 2**20)  # sparse: costs no disk
     with pytest.raises(InputFileError, match=expected):
-        read_prompt_file(str(path))
+        read_prompts(str(path))
 
 
 def test_a_prompt_file_gives_its_non_blank_lines(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a photo of *\n\n  \nan oil painting of *\n", encoding="utf-8")
-    assert read_prompt_file(str(path)) == ["a photo of *", "an oil painting of *"]
+    assert read_prompts(str(path)) == ["a photo of *", "an oil painting of *"]
 
 
 # ------------------------------------------------------------------- 2. sampling configs name trusted targets only
