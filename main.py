@@ -29,25 +29,18 @@ from ldm.callbacks import (ImageLogger, InterruptCheckpoint, RunInterrupted, Set
                            ThreadShare)
 from ldm.checkpoint import CheckpointError, SafeCheckpointIO, check_weights
 from ldm.cli_checks import user_error_message
+from ldm.config_trust import check_config_targets, load_yaml
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401 (YAML targets)
 from ldm.run import DEFAULT_SEED, UsageError, choose_resume_checkpoint, choose_seed, claim_run_dir, resolve_run_dir
 from ldm.train_options import OptionError, add_arguments, apply_training_options, describe_learning_rate, \
     describe_outputs
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, check_parameters, instantiate_from_config
 
 if __name__ == "__main__":
     # configs name `main.DataModuleFromConfig`: let that find this module instead of importing main.py twice
     sys.modules.setdefault("main", sys.modules[__name__])
 
 LOGGERS = ("csv", "tensorboard", "wandb")
-# `target:`s a run's configs may name on -r without --trust_config: this project's modules and these.
-TRUSTED_TARGET_PREFIXES = ("ldm.", "main.", "evaluation.")
-TRUSTED_TARGETS = {
-    "torch.nn.Identity",
-    "pytorch_lightning.callbacks.ModelCheckpoint", "pytorch_lightning.callbacks.LearningRateMonitor",
-    "pytorch_lightning.loggers.CSVLogger", "pytorch_lightning.loggers.TensorBoardLogger",
-    "pytorch_lightning.loggers.WandbLogger",
-}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # Trainer options exposed as flags: name -> argparse type. Unset flags leave `lightning.trainer` alone.
@@ -115,39 +108,9 @@ def get_parser(**parser_kwargs):
     return add_arguments(parser)
 
 
-def check_config_targets(config_paths, trust):
-    """Configs are code: refuse a run's configs that would import anything outside this project."""
-    def targets(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("target"), str):
-                yield node["target"]
-            for value in node.values():
-                yield from targets(value)
-        elif isinstance(node, list):
-            for value in node:
-                yield from targets(value)
-
-    foreign = []
-    for path in config_paths:
-        for target in targets(OmegaConf.to_container(_load_yaml(path))):
-            if not target.startswith(TRUSTED_TARGET_PREFIXES) and target not in TRUSTED_TARGETS:
-                foreign.append(f"{target} ({path})")
-    if foreign and not trust:
-        raise UsageError("The run's configs would import code from outside this project: " + ", ".join(foreign)
-                         + ". Configs are code: check these files, and if you trust them re-run with --trust_config.")
-    for item in foreign:
-        print(f"Trusting config target {item} (--trust_config)")
 
 
 # ----------------------------------------------------------------------------------------------------- configs
-def _load_yaml(path):
-    try:
-        return OmegaConf.load(path)
-    except Exception as err:  # yaml's ScannerError/ParserError, a config that is not a mapping, unreadable
-        detail = " ".join(str(err).split())[:200]
-        raise UsageError(f"Config {path} could not be read ({type(err).__name__}: {detail}): fix the YAML.") from None
-
-
 def load_config(opt, unknown):
     """Merge the base configs and the dotlist overrides; -> (config without `lightning` and `run`, lightning
     config, run config: what main.py itself records about the run, e.g. its seed)."""
@@ -162,7 +125,7 @@ def load_config(opt, unknown):
         overrides = OmegaConf.from_dotlist(unknown)
     except Exception as err:
         raise UsageError(f"Could not parse the overrides {unknown}: {err}") from None
-    config = OmegaConf.merge(*[_load_yaml(p) for p in opt.base], overrides)
+    config = OmegaConf.merge(*[load_yaml(p) for p in opt.base], overrides)
     lightning_config = config.pop("lightning", OmegaConf.create())
     run_config = config.pop("run", OmegaConf.create())
     if "model" not in config:
@@ -299,6 +262,7 @@ def trainer_options(opt, lightning_config):
         options["limit_val_batches"] = float(v) if "." in v else int(v)
     if options.get("precision") is not None and str(options["precision"]).isdigit():
         options["precision"] = int(options["precision"])
+    check_parameters(pl.Trainer, options, "lightning.trainer")
     lightning_config.trainer = options
     return dict(options)
 

@@ -28,6 +28,7 @@ from evaluation import sample_images
 from evaluation.clip_eval import CLIPEvaluator, strip_placeholders
 from evaluation.shapes_eval import (LARGE_SIDE, MEDIUM_SIDES, QUADRANTS, SMALL_SIDE, analyse_image, evaluate_images,
                                    parse_target)
+from ldm.data.image_ops import load_rgb
 from ldm.util import load_font
 
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207),
@@ -176,7 +177,7 @@ class LearningCurve(Callback):
             return
         self.placeholder = manager.concepts[0]
         self.prompt = self.prompt_template.format(self.placeholder)
-        self.concept_images = [Image.open(p).convert("RGB") for p in self._training_image_paths(trainer)]
+        self.concept_images = [load_rgb(p) for p in self._training_image_paths(trainer)]
         if not self.concept_images and (self.toy_target == "auto" or not self.toy_target):
             rank_zero_info("LearningCurve: the training dataset lists no image files to compare with; "
                            "no learning curve.")

@@ -11,14 +11,16 @@ from contextlib import nullcontext
 from itertools import islice
 
 import torch
-from omegaconf import OmegaConf
 from pytorch_lightning import seed_everything
 from tqdm import tqdm, trange
 
 from ldm.checkpoint import load_model_from_config
+from ldm.config_trust import load_trusted_config
 from ldm.models.diffusion.generate import SAMPLERS, generate
 from ldm.models.diffusion.textual_inversion import EmbeddingLoadError, load_embeddings
-from ldm.util import make_grid, to_pil
+from ldm.util import InputFileError, make_grid, read_text_file, to_pil
+
+MAX_PROMPT_FILE_BYTES = 16 * 2**20  # far more prompts than anyone samples; bounds what a wrong path can cost
 
 
 def default_device():
@@ -58,6 +60,8 @@ def build_parser(description, **defaults):
     p.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
     p.add_argument("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml",
                    help="path to the config which constructs the model")
+    p.add_argument("--trust_config", action="store_true",
+                   help="allow --config to name targets outside this project's modules (configs are code)")
     p.add_argument("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
                    help="path to the model checkpoint (.ckpt, .pt or .safetensors)")
     p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
@@ -83,8 +87,8 @@ def check_inputs(opt):
         if not os.path.isfile(path):
             raise SystemExit(f"Embedding file not found: {path}. Pass --embedding_path with the embeddings.pt "
                              "written by main.py (in the run's checkpoints folder) or another embedding file.")
-    if opt.from_file and not os.path.isfile(opt.from_file):
-        raise SystemExit(f"Prompt file not found: {opt.from_file}.")
+    if os.path.exists(opt.outdir) and not os.path.isdir(opt.outdir):
+        raise SystemExit(f"--outdir {opt.outdir} is a file, not a folder: give a folder for the samples.")
     device_type = torch.device(opt.device).type
     if (device_type == "cuda" and not torch.cuda.is_available()) or (
             device_type == "mps" and not torch.backends.mps.is_available()):
@@ -99,7 +103,8 @@ def check_inputs(opt):
 
 
 def load_model(opt):
-    model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device=opt.device, verbose=False)
+    model = load_model_from_config(load_trusted_config(opt.config, opt.trust_config), opt.ckpt, device=opt.device,
+                                   verbose=False)
     unet = model.model.diffusion_model
     if autocast_dtype(opt) is not None and hasattr(unet, "convert_torso"):
         # stored in the autocast dtype, the frozen UNet is not re-cast weight by weight at every sampling step
@@ -113,9 +118,12 @@ def load_model(opt):
 
 
 def read_prompts(path):
-    """The non-blank lines of a prompt file."""
-    with open(path, encoding="utf-8") as f:
-        return [line for line in f.read().splitlines() if line.strip()]
+    """The non-blank lines of a UTF-8 prompt file; InputFileError naming the file when it is not one."""
+    text = read_text_file(path, "prompt file", MAX_PROMPT_FILE_BYTES)
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputFileError(f"prompt file {path} holds no prompt: write one prompt per line")
+    return prompts
 
 
 def prompt_batches(opt):
@@ -149,6 +157,21 @@ def warn_lost_placeholders(model, prompts):
                           f"token, so the learned concept is not used there: put spaces around {name!r}.")
 
 
+def warn_cut_prompts(model, prompts):
+    """One line for each prompt longer than the text encoder reads, saying how many tokens are cut (the
+    tokenizer truncates silently; its own warning about indexing errors does not apply to us)."""
+    manager = getattr(model, "embedding_manager", None)
+    managers = list(manager.managers.values()) if hasattr(manager, "managers") else [manager]
+    for prompt in sorted(prompts):
+        for one in managers:
+            positions = one.prompt_positions(prompt) if hasattr(one, "prompt_positions") else 0
+            if positions > one.max_length:
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                warnings.warn(f"The prompt {shown!r} is {positions - 2} tokens long; the text encoder reads "
+                              f"{one.max_length - 2}, so the last {positions - one.max_length} are cut.")
+                break
+
+
 def autocast_dtype(opt):
     """bfloat16 on CPUs, float16 on GPUs; None without --precision autocast."""
     if opt.precision != "autocast":
@@ -165,6 +188,7 @@ def main(parser, argv=None):
     """Parse `argv` with `parser`, sample, write outdir/samples/NNNNN.png and a grid; returns the paths written."""
     opt = parser.parse_args(argv)
     check_inputs(opt)
+    batches = prompt_batches(opt)  # a bad prompt file is reported before the model loads
     seed_everything(opt.seed, verbose=False)
     model = load_model(opt)
     # A CPU generator: the same seed gives the same images on CPU, CUDA and MPS.
@@ -178,8 +202,9 @@ def main(parser, argv=None):
     if opt.fixed_code:
         start_code = torch.randn([opt.n_samples, *shape], generator=generator).to(opt.device)
 
-    batches = prompt_batches(opt)
-    warn_lost_placeholders(model, {prompt for prompts in batches for prompt in prompts} | {opt.negative_prompt})
+    all_prompts = {prompt for prompts in batches for prompt in prompts} | {opt.negative_prompt}
+    warn_lost_placeholders(model, all_prompts)
+    warn_cut_prompts(model, all_prompts)
     written, all_samples = [], []
     tic = time.time()
     with torch.no_grad(), precision_scope(opt), model.ema_scope():

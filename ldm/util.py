@@ -2,6 +2,8 @@
 import difflib
 import importlib
 import inspect
+import os
+import stat
 from inspect import isfunction
 
 import numpy as np
@@ -11,6 +13,47 @@ from PIL import Image, ImageDraw, ImageFont
 
 class ConfigError(ValueError):
     """A config names a target that does not exist, or passes it a parameter it does not take."""
+
+
+class InputFileError(ValueError):
+    """An input file (image, prompt file) that is missing, not a regular file, or too large."""
+
+
+def open_input_file(path, what, max_bytes=None):
+    """`path` opened for binary reading, after checking it is a regular file of at most `max_bytes`.
+
+    Opened without blocking, so a FIFO (which would wait forever for a writer) or a device is refused instead
+    of hanging; `what` names the file in the one-line InputFileError ("prompt file", "image").
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise InputFileError(f"{what} {path} not found") from None
+    except OSError as err:
+        raise InputFileError(f"cannot read {what} {path}: {err.strerror}") from None
+    info = os.fstat(fd)
+    problem = None
+    if stat.S_ISDIR(info.st_mode):
+        problem = "is a folder, not a file"
+    elif not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file but a pipe, device or socket: give the path of a file"
+    elif max_bytes is not None and info.st_size > max_bytes:
+        problem = f"is {info.st_size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.0f} MiB a {what} may be"
+    if problem:
+        os.close(fd)
+        raise InputFileError(f"{what} {path} {problem}")
+    return os.fdopen(fd, "rb")
+
+
+def read_text_file(path, what, max_bytes):
+    """The UTF-8 text of the regular file `path` (open_input_file); InputFileError naming it otherwise."""
+    with open_input_file(path, what, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputFileError(f"{what} {path} is not UTF-8 text (byte {err.start} is {data[err.start]:#04x}): "
+                             "write it as UTF-8 text") from None
 
 
 def get_obj_from_str(string):

@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluation import sample_images  # noqa: E402
 from evaluation.shapes_eval import evaluate_images  # noqa: E402
 from ldm.checkpoint import load_model_from_config  # noqa: E402
+from ldm.cli_checks import run_cli  # noqa: E402
+from ldm.config_trust import load_trusted_config  # noqa: E402
 from ldm.data.shapes import COLOURS, SHAPES  # noqa: E402
 from ldm.models.diffusion.generate import SAMPLERS  # noqa: E402
 
@@ -43,6 +45,8 @@ def evaluate(model, n_samples, ddim_steps, scale, seed, batch_size=64, sampler="
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/toy/txt2img-shapes-inference.yaml")
+    p.add_argument("--trust_config", action="store_true",
+                   help="allow --config to name targets outside this project's modules (configs are code)")
     p.add_argument("--ckpt", default="models/toy/shapes-ldm.safetensors")
     p.add_argument("--n_samples", type=int, default=64)
     p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps")
@@ -58,7 +62,7 @@ def main(argv=None):
         if not os.path.isfile(path):
             raise SystemExit(f"{path} not found")
     start = time.time()
-    model = load_model_from_config(opt.config, opt.ckpt, verbose=False)
+    model = load_model_from_config(load_trusted_config(opt.config, opt.trust_config), opt.ckpt, verbose=False)
     with torch.no_grad():
         rows, mean = evaluate(model, opt.n_samples, opt.ddim_steps, opt.scale, opt.seed, sampler=opt.sampler,
                               half=opt.half)
@@ -72,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -170,7 +170,7 @@ def test_resume_refuses_config_targets_outside_the_project(tmp_path):
     config = OmegaConf.load(CONFIG)
     config.data = {"target": "os.system", "params": {"command": f"touch {marker}"}}
     OmegaConf.save(config, run / "configs" / "x-project.yaml")
-    with pytest.raises(entry.UsageError, match="os.system .*--trust_config"):
+    with pytest.raises(ConfigError, match="os.system .*--trust_config"):
         entry.main(["-r", str(run)])
     assert not marker.exists()
 
@@ -179,7 +179,7 @@ def test_resume_refuses_config_targets_outside_the_project(tmp_path):
 def test_yaml_syntax_error_and_unreadable_images_are_one_line(tmp_path, tiny_ckpt, concept_dir):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  params: [unclosed\n")
-    with pytest.raises(entry.UsageError, match="bad.yaml could not be read"):
+    with pytest.raises(ConfigError, match="bad.yaml could not be read"):
         entry.main(["--base", str(bad), "-t"])
     broken = tmp_path / "broken"
     broken.mkdir()

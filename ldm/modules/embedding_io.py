@@ -126,8 +126,12 @@ def check_tokenizer(path, widths, tokenizer):
             f"tokenizer is for {users}.")
 
 
-def _plain_mapping(value):
-    """string_to_param as a plain dict: unwraps the original's pickled nn.ParameterDict stand-in."""
+def _plain_mapping(value, path, key):
+    """string_to_param (or another mapping entry `key` of the file) as a plain dict: unwraps the original's
+    pickled nn.ParameterDict stand-in; ValueError naming the file when it is no mapping at all."""
+    if not isinstance(value, (dict, PickledObject)):
+        raise ValueError(f"{path}: {key} should map names to vectors, got {type(value).__name__}: the file is damaged "
+                         "or not an embedding")
     if isinstance(value, PickledObject):
         state = value.state or {}
         params = state.get("_parameters", {})
@@ -135,10 +139,19 @@ def _plain_mapping(value):
     return dict(value)
 
 
+def check_floating(tensor, path, what):
+    """Refuse vectors stored as integers or booleans: no trainer writes them, and cast to floats they would be
+    sampled as some other, meaningless concept without a word."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"{path}: {what} is stored as {str(tensor.dtype).removeprefix('torch.')}, not as real "
+                         "floating point numbers: the file is damaged or not a learned embedding")
+
+
 def _as_matrix(tensor, path, key):
     if not isinstance(tensor, torch.Tensor) or tensor.ndim not in (1, 2):
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{path}: embedding {key!r} should be a [d] or [n, d] tensor, got {shape}")
+    check_floating(tensor, path, f"embedding {key!r}")
     tensor = tensor.detach().to(torch.float32)
     if not torch.isfinite(tensor).all():  # it would sample black images without a word
         raise ValueError(f"{path}: embedding {key!r} holds NaN or infinite values (training diverged?); use an "
@@ -152,8 +165,19 @@ def _token_id(value):
     return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
 
 
-def _optional_int(value):
-    return None if value in (None, "", "None") else int(value)
+def _optional_int(value, path):
+    """A file's stored step as an int (None when absent); ValueError naming the file when it is not one."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if value is None or (isinstance(value, str) and value in ("", "None")):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None or (not isinstance(value, str) and number != value):
+        raise ValueError(f"{path}: its step {value!r} is not a whole number: the file is damaged or was edited")
+    return number
 
 
 def _safetensors_metadata(path):
@@ -164,11 +188,11 @@ def _safetensors_metadata(path):
 
 
 def _a1111_file(data, path, name, fmt):
-    params = _plain_mapping(data["string_to_param"])
+    params = _plain_mapping(data["string_to_param"], path, "string_to_param")
     if len(params) != 1:
         raise ValueError(f"{path}: an AUTOMATIC1111 file holds one term, found {sorted(params)}")
     return EmbeddingFile.single({name: _as_matrix(next(iter(params.values())), path, name)}, {name: None},
-                                data.get("name") or Path(path).stem, _optional_int(data.get("step")), fmt)
+                                data.get("name") or Path(path).stem, _optional_int(data.get("step"), path), fmt)
 
 
 def _sdxl_file(data, path, concept, name, step, fmt):
@@ -188,11 +212,12 @@ def _official_sdxl(params, tokens, data, path):
     if unknown or len(params) != len(ENCODER_KEYS):
         raise ValueError(f"{path}: string_to_param holds one dict per text encoder, expected "
                          f"{', '.join(ENCODER_KEYS)}, found {', '.join(sorted(map(str, params)))}")
-    by_encoder = {key: {s: _as_matrix(v, path, f"{key}/{s}") for s, v in _plain_mapping(params[key]).items()}
+    by_encoder = {key: {s: _as_matrix(v, path, f"{key}/{s}")
+                        for s, v in _plain_mapping(params[key], path, f"string_to_param/{key}").items()}
                   for key in ENCODER_KEYS}
     concepts = next(iter(by_encoder.values()))
     return EmbeddingFile(by_encoder, {s: _token_id(tokens.get(s)) for s in concepts}, data.get("name"),
-                         _optional_int(data.get("step")), "official")
+                         _optional_int(data.get("step"), path), "official")
 
 
 def _read(path):
@@ -201,7 +226,7 @@ def _read(path):
         data = read_png_embedding(path)
         if any(key in data for key in ENCODER_KEYS):
             name = data.get("name") or stem
-            return _sdxl_file(data, path, name, name, _optional_int(data.get("step")), "a1111-png")
+            return _sdxl_file(data, path, name, name, _optional_int(data.get("step"), path), "a1111-png")
         return _a1111_file(data, path, data.get("name") or stem, "a1111-png")
     if path.lower().endswith(IMAGE_SUFFIXES):
         raise ValueError(f"{path} is not a PNG image: image embeddings (AUTOMATIC1111's) are read from PNGs only")
@@ -213,27 +238,28 @@ def _read(path):
     keys = sorted(map(str, data))
     saved_as = "a1111-safetensors" if meta.get("format") == "a1111-safetensors" else "kohya"
     if any(key in data for key in ENCODER_KEYS):
-        return _sdxl_file(data, path, stem, meta.get("name") or stem, _optional_int(meta.get("step")), saved_as)
+        return _sdxl_file(data, path, stem, meta.get("name") or stem, _optional_int(meta.get("step"), path),
+                          saved_as)
     if "string_to_param" in data:
         if "sd_checkpoint" in data or "sd_checkpoint_name" in data:
             return _a1111_file(data, path, stem, "a1111")
-        params = _plain_mapping(data["string_to_param"])
-        tokens = _plain_mapping(data.get("string_to_token", {}))
+        params = _plain_mapping(data["string_to_param"], path, "string_to_param")
+        tokens = _plain_mapping(data.get("string_to_token", {}), path, "string_to_token")
         if params and all(isinstance(v, (dict, PickledObject)) for v in params.values()):
             return _official_sdxl(params, tokens, data, path)
         vectors = {s: _as_matrix(v, path, s) for s, v in params.items()}
         return EmbeddingFile.single(vectors, {s: _token_id(tokens.get(s)) for s in vectors},
-                                    data.get("name"), _optional_int(data.get("step")), "official")
+                                    data.get("name"), _optional_int(data.get("step"), path), "official")
     if set(data) == {"emb_params"}:
         return EmbeddingFile.single({stem: _as_matrix(data["emb_params"], path, stem)}, {stem: None},
-                                    meta.get("name") or stem, _optional_int(meta.get("step")), saved_as)
+                                    meta.get("name") or stem, _optional_int(meta.get("step"), path), saved_as)
     looks_like_diffusers = data and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim in (1, 2) for k, v in data.items()
     )
     if looks_like_diffusers:
         vectors = {k: _as_matrix(v, path, k) for k, v in data.items()}
         return EmbeddingFile.single(vectors, {k: None for k in vectors}, meta.get("name"),
-                                    _optional_int(meta.get("step")), "diffusers")
+                                    _optional_int(meta.get("step"), path), "diffusers")
     raise ValueError(f"{path}: unrecognised embedding layout; keys found: {keys}")
 
 
@@ -418,8 +444,9 @@ def xti_layout(data):
         return None
     if "string_to_param" in data and "xti_layers" in data:
         return "official"
-    keys = [str(k) for k in data]
-    if "MID" in keys and all(_KOHYA_LAYER.fullmatch(k) for k in keys):
+    # every key a kohya layer name: an XTI file even when a layer is missing (load_xti names it), never
+    # one concept per layer
+    if all(_KOHYA_LAYER.fullmatch(str(k)) for k in data):
         return "kohya-xti"
     return None
 
@@ -428,6 +455,7 @@ def _xti_vectors(tensor, path, key, ndim):
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != ndim:
         got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{path}: XTI entry {key!r} should have {ndim} dimensions, got {got}")
+    check_floating(tensor, path, f"XTI entry {key!r}")
     tensor = tensor.detach().to(torch.float32)
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{path}: XTI entry {key!r} holds NaN or infinite values (training diverged?)")
@@ -447,14 +475,14 @@ def _xti_file(data, path):
     """The XTIFile of a loaded dict of an XTI layout (see xti_layout)."""
     if xti_layout(data) == "official":
         layers = tuple(str(n) for n in data["xti_layers"])
-        params = _plain_mapping(data["string_to_param"])
-        tokens = _plain_mapping(data.get("string_to_token", {}))
+        params = _plain_mapping(data["string_to_param"], path, "string_to_param")
+        tokens = _plain_mapping(data.get("string_to_token", {}), path, "string_to_token")
         vectors = {s: _xti_vectors(v, path, s, 3) for s, v in params.items()}
         bad = {s: v.shape[0] for s, v in vectors.items() if v.shape[0] != len(layers)}
         if bad:
             raise ValueError(f"{path}: xti_layers names {len(layers)} layers but {bad} hold other counts")
         return XTIFile(vectors, layers, {s: _token_id(tokens.get(s)) for s in vectors}, data.get("name"),
-                       _optional_int(data.get("step")), "official")
+                       _optional_int(data.get("step"), path), "official")
     # kohya-xti: {layer name: [n, d]}, one concept named by the file name, as kohya's tools do
     layers = tuple(sorted(map(str, data), key=layer_order))
     stacked = torch.stack([_xti_vectors(data[k], path, k, 2) for k in layers])

@@ -15,7 +15,7 @@ from torch import nn
 
 from ldm.data.personalized import per_img_token_list
 from ldm.modules.embedding_io import ENCODER_KEYS, load_embedding_file, save_embedding_file, single_token_id
-from ldm.modules.encoders.base import embedding_key
+from ldm.modules.encoders.base import context_length, embedding_key
 
 DEFAULT_PLACEHOLDER_TOKEN = ["*"]
 
@@ -45,6 +45,7 @@ class EmbeddingManager(nn.Module):
         # A bound method, not a submodule: the embedder's weights belong to the text encoder, not to us.
         self._token_ids_of = embedder.string_to_token_ids
         self.token_dim = embedder.embedding_dim
+        self.max_length = context_length(embedder)
         self.string_to_token_dict = {}  # one-token concepts: string -> tensor(id), as in the original
         self.string_to_token_sequence = {}  # concepts of several tokens: string -> tuple of ids
         self.string_to_param_dict = nn.ParameterDict()
@@ -100,6 +101,11 @@ class EmbeddingManager(nn.Module):
     def _set_placeholder(self, string, token_ids, vectors):
         """Add or replace the vectors of `string`, written as the token ids `token_ids` (an int or a sequence)."""
         ids = (token_ids,) if isinstance(token_ids, int) else tuple(token_ids)
+        room = self.max_length - 2  # a prompt's positions between the start and end tokens
+        if vectors.shape[-2] > room:
+            raise ValueError(f"Placeholder {string!r} has {vectors.shape[-2]} vectors, but a prompt holds at most "
+                             f"{room} (the text encoder reads {self.max_length} positions with its start and end "
+                             "tokens): it can never fit.")
         clash = [s for s, seq in self._token_sequences().items() if s != string and seq == ids]
         if clash:
             raise ValueError(f"Placeholder {string!r} is the same token(s) as placeholder {clash[0]!r} for this "
@@ -129,6 +135,17 @@ class EmbeddingManager(nn.Module):
             if string in text and not any(ids[i:i + n] == seq for i in range(len(ids) - n + 1)):
                 lost.append(string)
         return lost
+
+    def prompt_positions(self, text):
+        """How many positions `text` takes in the text encoder: start and end tokens, its tokens, and the extra
+        positions of each placeholder's vectors beyond its tokens."""
+        ids = tuple(self._token_ids_of(text))
+        extra = 0
+        for string, seq in self._token_sequences().items():
+            n = len(seq)
+            found = sum(ids[i:i + n] == seq for i in range(len(ids) - n + 1))
+            extra += found * (self.string_to_param_dict[string].shape[-2] - n)
+        return len(ids) + extra + 2
 
     @property
     def concepts(self):

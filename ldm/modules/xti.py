@@ -102,6 +102,11 @@ class XTIEmbeddingManager(EmbeddingManager):
                 emb = load_embedding_file(path, target_widths=(self.token_dim,))
                 loaded += [(path, name, vectors) for name, vectors in emb.vectors.items()]
                 continue
+            missing = [name for name in self.layer_names if name not in xti.layers]
+            if missing and set(xti.layers) < set(self.layer_names):
+                raise ValueError(f"{path} is an extended textual inversion (XTI / P+) embedding without the "
+                                 f"layer{'s' if len(missing) > 1 else ''} {' '.join(missing)} of this model's "
+                                 f"{len(self.layer_names)}: the file is incomplete.")
             if xti.layers != self.layer_names:
                 raise ValueError(f"{describe_xti(path, xti.layers)}; this model's UNet has "
                                  f"{len(self.layer_names)} ({' '.join(self.layer_names)}): it was trained for "

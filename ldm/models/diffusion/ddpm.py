@@ -497,12 +497,14 @@ class LatentDiffusion(TextualInversion, DDPM):
         """
         if keys is None or not self.cache_first_stage_latents:
             return self.encode_first_stage(x)
-        missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
-        if missing:
-            out = self.encode_first_stage(x[missing])
-            gaussian = isinstance(out, DiagonalGaussianDistribution)
-            for i, m in zip(missing, out.parameters if gaussian else out):
-                self._latent_cache[keys[i]] = (m, gaussian)
+        # One image at a time: a convolution's result differs in the last bits with the batch's size and companions
+        # (1.1e-6 on the tiny autoencoder), and a resumed run, whose cache starts empty, would encode other batches
+        # than the run it continues: the one difference left between a resumed and an uninterrupted run.
+        for i, key in enumerate(keys):
+            if key not in self._latent_cache:
+                out = self.encode_first_stage(x[i:i + 1])
+                gaussian = isinstance(out, DiagonalGaussianDistribution)
+                self._latent_cache[key] = ((out.parameters if gaussian else out)[0], gaussian)
         entries = [self._latent_cache[k] for k in keys]
         stacked = torch.stack([m for m, _ in entries])
         return DiagonalGaussianDistribution(stacked) if entries[0][1] else stacked

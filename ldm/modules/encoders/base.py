@@ -7,8 +7,9 @@ It is a runtime-checkable `typing.Protocol`, not a base class, because the encod
 shape alone, without inheriting from us. `isinstance(encoder, TextEncoder)` checks member presence (not
 signatures), enough for the code that instantiates a config to refuse a wrong class with a clear message.
 
-One fact about an encoder is derived rather than required, so the existing encoders need no change:
-`embedding_key` (the key of this encoder's vectors in an embedding file: "clip_l"/"clip_g" for the two encoders of SDXL, None for the one-encoder layout
+Two facts about an encoder are derived rather than required, so the existing encoders need no change:
+`context_length` (positions per prompt) and `embedding_key` (the key of this encoder's
+vectors in an embedding file: "clip_l"/"clip_g" for the two encoders of SDXL, None for the one-encoder layout
 `string_to_param` of SD v1, SD 2.x and LDM).
 """
 from typing import Optional, Protocol, runtime_checkable
@@ -72,6 +73,12 @@ class EmbeddingManagerProtocol(Protocol):
 
     def embedding_to_coarse_loss(self):
         """The regulariser: distance of the vectors from their initial values."""
+
+
+def context_length(encoder: TextEncoder) -> int:
+    """Positions `encoder` reads per prompt, start and end tokens included (its `max_length`; 77, CLIP's, when
+    it does not say)."""
+    return getattr(encoder, "max_length", 77)
 
 
 def embedding_key(encoder: TextEncoder) -> Optional[str]:
