@@ -21,7 +21,7 @@ from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_sch
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.base import TextEncoder
 from ldm.modules.ema import LitEma
-from ldm.util import count_params, default, exists, instantiate_from_config, log_txt_as_img
+from ldm.util import count_params, default, exists, instantiate_from_config, log_txt_as_img, parameters_on_meta
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 V_PREDICTION = Prediction("v")
@@ -387,20 +387,23 @@ class LatentDiffusion(TextualInversion, DDPM):
             conditioning_key = None
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
-        super().__init__(conditioning_key=conditioning_key, *args, **kwargs)
-        self.concat_mode = concat_mode
-        self.cond_stage_trainable = cond_stage_trainable
-        self.cond_stage_key = cond_stage_key
-        if scale_by_std:
-            self.register_buffer("scale_factor", torch.tensor(scale_factor))
-        else:
-            self.scale_factor = scale_factor
-        self.instantiate_first_stage(first_stage_config)
-        self.conditioner = None
-        if conditioner_config is not None:
-            self.conditioner = instantiate_from_config(conditioner_config)
-        else:
-            self.instantiate_cond_stage(cond_stage_config)
+        # The weights a checkpoint fills are built empty and take the file's tensors: never randomly initialised
+        # first, never held twice. Keys left out of the file (ignore_keys) keep a random start instead.
+        with parameters_on_meta() if ckpt_path is not None and not ignore_keys else nullcontext():
+            super().__init__(conditioning_key=conditioning_key, *args, **kwargs)
+            self.concat_mode = concat_mode
+            self.cond_stage_trainable = cond_stage_trainable
+            self.cond_stage_key = cond_stage_key
+            if scale_by_std:
+                self.register_buffer("scale_factor", torch.tensor(scale_factor))
+            else:
+                self.scale_factor = scale_factor
+            self.instantiate_first_stage(first_stage_config)
+            self.conditioner = None
+            if conditioner_config is not None:
+                self.conditioner = instantiate_from_config(conditioner_config)
+            else:
+                self.instantiate_cond_stage(cond_stage_config)
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.cache_first_stage_latents = cache_first_stage_latents
