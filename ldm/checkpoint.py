@@ -435,9 +435,10 @@ def _assign_weights(module, sd, path):
     in the module's dtype is not copied at all; one in another dtype (fp16 files) is cast once, and its file
     copy is let go before the next, so memory never holds the weights twice."""
     expected = module.state_dict()
-    for k in [k for k in sd if k in expected]:
-        sd[k] = sd[k].to(expected[k].dtype)
+    casts = {k: expected[k].dtype for k in sd if k in expected and sd[k].dtype != expected[k].dtype}
     del expected
+    if casts:
+        _cast_from_file(path, sd, casts)
     with parameters_on_meta(enabled=False):  # the file's tensors, even inside a constructor building on meta
         module.load_state_dict(sd, strict=False, assign=True)
     left = meta_tensor_names(module)
@@ -445,6 +446,20 @@ def _assign_weights(module, sd, path):
         raise CheckpointError(f"{path} leaves {len(left)} weights of {type(module).__name__} unset ({_first(left)}), "
                               "and the model was built to take them from the file. Give the weights of the "
                               "model the config describes.")
+
+
+def _cast_from_file(path, sd, dtypes):
+    """Replace `sd[k]` by the file's tensor cast to `dtypes[k]`, one tensor at a time, each read into memory of its
+    own and freed once cast. (Cast from a mapping of the whole file, the file's pages would stay resident until
+    the last tensor is done: the weights held twice after all.)"""
+    if os.fspath(path).endswith(".safetensors"):
+        with safetensors.safe_open(path, framework="pt", backend="pread") as f:
+            for k, dtype in dtypes.items():
+                sd[k] = f.get_tensor(k).to(dtype)
+        return
+    unmapped = load_state_dict(path)
+    for k, dtype in dtypes.items():
+        sd[k] = unmapped.pop(k).to(dtype)
 
 
 def load_model_from_config(config, ckpt=None, device="cpu", verbose=True):

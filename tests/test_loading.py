@@ -27,7 +27,7 @@ def manager_vectors(model):
 
 
 @pytest.mark.parametrize("config_path", TINY_CONFIGS)
-@pytest.mark.parametrize("suffix,half", [(".safetensors", True), (".ckpt", False)])
+@pytest.mark.parametrize("suffix,half", [(".safetensors", True), (".ckpt", True), (".ckpt", False)])
 def test_a_loaded_model_holds_the_files_weights_and_builds_the_rest_for_real(tmp_path, config_path, suffix, half):
     config = OmegaConf.load(ROOT / config_path)
     reference = build_tiny_model(config)

@@ -368,11 +368,11 @@ class LatentDiffusion(TextualInversion, DDPM):
     def __init__(self, first_stage_config, cond_stage_config=None, personalization_config=None,
                  num_timesteps_cond=None, cond_stage_key="image", cond_stage_trainable=False, concat_mode=True,
                  cond_stage_forward=None, conditioning_key=None, scale_factor=1.0, scale_by_std=False,
-                 embedding_manager_ckpt=None, cache_first_stage_latents=True, conditioner_config=None, *args,
-                 **kwargs):
+                 embedding_manager_ckpt=None, cache_first_stage_latents=True, conditioner_config=None,
+                 compile_unet=False, *args, **kwargs):
         """`conditioner_config` (SDXL, Stability's name): a GeneralConditioner in place of `cond_stage_config`,
         kept as `self.conditioner` (the official `conditioner.embedders.N.*` keys), with `conditioning_key:
-        crossattn-adm`."""
+        crossattn-adm`. `compile_unet`: see `compile_unet()`."""
         if (cond_stage_config is None) == (conditioner_config is None):
             raise ValueError("LatentDiffusion needs exactly one of cond_stage_config and conditioner_config (SDXL).")
         if conditioner_config is not None and conditioning_key != "crossattn-adm":
@@ -417,6 +417,8 @@ class LatentDiffusion(TextualInversion, DDPM):
         self.embedding_manager = None
         if personalization_config is not None:
             self.setup_textual_inversion(personalization_config, embedding_manager_ckpt)
+        if compile_unet:
+            self.compile_unet()
 
     # ---------------------------------------------------------------- components
     def instantiate_first_stage(self, config):
@@ -432,6 +434,11 @@ class LatentDiffusion(TextualInversion, DDPM):
         else:
             model = instantiate_from_config(config)
             self.cond_stage_model = model if self.cond_stage_trainable else freeze(model)
+
+    def compile_unet(self):
+        """torch.compile the UNet in place (its state dict keys stay as they are): the first calls at each new
+        input shape compile (tens of seconds on a CPU), later calls run the compiled code (docs/benchmarks.md)."""
+        self.model.diffusion_model.compile()
 
     def text_encoders_module(self):
         """The module holding the text encoder(s): what textual inversion freezes and hands to its manager."""
