@@ -101,9 +101,11 @@ def check_inputs(opt):
 def load_model(opt):
     model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device=opt.device, verbose=False)
     unet = model.model.diffusion_model
-    if autocast_dtype(opt) is not None and hasattr(unet, "convert_torso"):
-        # stored in the autocast dtype, the frozen UNet is not re-cast weight by weight at every sampling step
-        unet.convert_torso(autocast_dtype(opt))
+    dtype = autocast_dtype(opt)
+    if dtype is not None and hasattr(unet, "convert_torso"):
+        # stored in the autocast dtype, the frozen UNet is not re-cast weight by weight at every sampling step;
+        # in bf16 (float32's range) its norms too, as diffusers runs it; fp16 keeps float32 norms for stability
+        unet.convert_torso(dtype, norms=dtype == torch.bfloat16)
     if opt.compile:
         model.compile_unet()
     if opt.embedding_path:

@@ -94,6 +94,25 @@ def test_peer_is_diffusers_own_modules_computing_what_ours_compute(tiny):
                                    model.first_stage_model.encode(image).mean, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_torso_with_its_norms_computes_what_diffusers_unet_in_bf16_computes(tiny):
+    """txt2img.py's bf16 sampling (torso and norms stored in bf16, under autocast) is diffusers' bf16 UNet, op for
+    op: no activation goes through float32 around the norms."""
+    import copy
+    config, model = tiny
+    model = copy.deepcopy(model)
+    unet = bt.diffusers_modules(model, config)[0].to(torch.bfloat16)
+    ours = model.model.diffusion_model
+    ours.convert_torso(torch.bfloat16, norms=True)
+    g = torch.Generator().manual_seed(1)
+    x, context, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([10, 900])
+    with torch.no_grad():
+        theirs = unet(x.bfloat16(), t, encoder_hidden_states=context.bfloat16()).sample.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mine = ours(x, t, context=context).float()
+    assert theirs.abs().max() > 0
+    torch.testing.assert_close(mine, theirs, atol=2e-2, rtol=2e-2)
+
+
 def test_diffusers_step_trains_only_the_placeholder_row(tiny):
     config, _ = tiny
     model = bt.build_model(config, torch.device("cpu"), seed=0)

@@ -90,10 +90,11 @@ def zero_module(module):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (and cast back), as the original does for fp16 stability."""
+    """GroupNorm computed in float32 (and cast back), as the original does for fp16 stability; in bf16 when its
+    weights are stored in bf16 (`UNetModel.convert_torso(..., norms=True)`)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x.to(self.weight.dtype)).type(x.dtype)
 
 
 def normalization(channels):
