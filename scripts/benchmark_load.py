@@ -34,7 +34,7 @@ FAMILIES = {"v1": "configs/stable-diffusion/v1-inference.yaml", "v2": "configs/s
             "xl": "configs/stable-diffusion-xl/sd_xl_base-inference.yaml"}
 WITH_PEER = ("v1", "smoke")  # diffusers' single converter pipeline used here covers SD v1 (CLIP ViT-L text)
 PEER_PARTS = ("unet", "vae", "text_encoder")
-TARGETS = {"load_time_ratio": 1.2, "peak_rss_ratio": 1.0}
+TARGETS = {"load_time_ratio": 1.2, "load_cpu_time_ratio": 1.2, "peak_rss_ratio": 1.0}
 
 
 def family_config(family):
@@ -131,15 +131,16 @@ def measure(loop, family, path):
     else:
         import diffusers  # noqa: F401
         import transformers  # noqa: F401
-    imported = time.perf_counter()
+    imported, cpu = time.perf_counter(), time.process_time()
     loaded = load_ours(family, path) if loop == "ours" else load_diffusers(family, path)
-    seconds = time.perf_counter() - imported
+    seconds, cpu = time.perf_counter() - imported, time.process_time() - cpu
     modules = loaded if isinstance(loaded, list) else [loaded]
     tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers())]
     if any(t.is_meta for t in tensors) or any(t.dtype == torch.float16 for t in tensors):
         raise RuntimeError(f"{loop} did not load real fp32 weights")
     accelerate = importlib.util.find_spec("accelerate") is not None  # diffusers' low-memory path needs it
     return {"loop": loop, "family": family, "import_seconds": imported - start, "load_seconds": seconds,
+            "load_cpu_seconds": cpu,
             "accelerate": accelerate,
             "peak_rss_mib": peak_rss_mib(),
             "parameters": sum(t.numel() for m in modules for t in m.parameters())}
@@ -156,7 +157,7 @@ def run_child(loop, family, path, threads):
 
 
 def summarise(runs):
-    keys = ("import_seconds", "load_seconds", "peak_rss_mib")
+    keys = ("import_seconds", "load_seconds", "load_cpu_seconds", "peak_rss_mib")
     return {loop: {k: statistics.median(r[k] for r in rs) for k in keys}
             | {"parameters": rs[0]["parameters"], "accelerate": rs[0]["accelerate"]} for loop, rs in runs.items()}
 
@@ -176,13 +177,15 @@ def run(args):
                 for loop in (list(cases) if rep % 2 == 0 else list(cases)[::-1]):
                     runs[loop].append(run_child(loop, family, cases[loop], args.threads))
                     r = runs[loop][-1]
-                    print(f"[{family} {rep}] {loop}: load {r['load_seconds']:.2f} s (imports {r['import_seconds']:.2f}"
+                    print(f"[{family} {rep}] {loop}: load {r['load_seconds']:.2f} s ({r['load_cpu_seconds']:.2f} s CPU; "
+                          f"imports {r['import_seconds']:.2f}"
                           f" s), peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
             summary = summarise(runs)
             entry = {"file_mib": os.path.getsize(ours) / 2 ** 20, "loops": summary, "runs": runs}
             if peer:
                 entry["ratios"] = {
                     "load_time_ratio": summary["ours"]["load_seconds"] / summary["diffusers"]["load_seconds"],
+                    "load_cpu_time_ratio": summary["ours"]["load_cpu_seconds"] / summary["diffusers"]["load_cpu_seconds"],
                     "peak_rss_ratio": summary["ours"]["peak_rss_mib"] / summary["diffusers"]["peak_rss_mib"]}
             report["families"][family] = entry
             for path in (ours, peer):  # multi-GB: gone before the next family is written
@@ -201,7 +204,8 @@ def format_report(report):
     for family, entry in report["families"].items():
         lines.append(f"{family}: single file {entry['file_mib']:.0f} MiB")
         for loop, r in entry["loops"].items():
-            lines.append(f"  {loop:<10} load {r['load_seconds']:>7.2f} s  imports {r['import_seconds']:>5.2f} s  "
+            lines.append(f"  {loop:<10} load {r['load_seconds']:>7.2f} s ({r['load_cpu_seconds']:.2f} s CPU)  "
+                         f"imports {r['import_seconds']:>5.2f} s  "
                          f"peak RSS {r['peak_rss_mib']:>7.0f} MiB  ({r['parameters']:,} parameters"
                          + (", accelerate installed)" if loop == "diffusers" and r["accelerate"] else ")"))
         for name, value in entry.get("ratios", {}).items():

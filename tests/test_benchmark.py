@@ -132,3 +132,15 @@ def test_diffusers_step_trains_only_the_placeholder_row(tiny):
 def test_bad_options_are_refused(argv):
     with pytest.raises(SystemExit):
         bt.parse_args(argv)
+
+
+def test_load_benchmark_smoke_loads_real_fp32_weights_on_both_sides_and_cleans_up(tmp_path):
+    bl = load_script("benchmark_load")
+    out = tmp_path / "load.json"
+    bl.main(["--smoke", "--repeats", "1", "--workdir", str(tmp_path), "--json", str(out)])
+    report = json.loads(out.read_text())["families"]["smoke"]
+    assert set(report["ratios"]) == {"load_time_ratio", "load_cpu_time_ratio", "peak_rss_ratio"}
+    assert all(positive_finite(v) for v in report["ratios"].values()), report["ratios"]
+    # the same-size modules on both sides: UNet + VAE + CLIP text
+    assert report["loops"]["ours"]["parameters"] == pytest.approx(report["loops"]["diffusers"]["parameters"], rel=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["load.json"]  # the multi-GB files do not stay
