@@ -457,6 +457,10 @@ def _cast_from_file(path, sd, dtypes):
             for k, dtype in dtypes.items():
                 sd[k] = f.get_tensor(k).to(dtype)
         return
+    if not zipfile.is_zipfile(path):  # a legacy pickle, read into memory already: cast it where it is
+        for k, dtype in dtypes.items():
+            sd[k] = sd[k].to(dtype)
+        return
     unmapped = load_state_dict(path)
     for k, dtype in dtypes.items():
         sd[k] = unmapped.pop(k).to(dtype)

@@ -115,3 +115,15 @@ def test_parameters_on_meta_keeps_buffers_real():
     assert norm.weight.is_meta and norm.bias.is_meta
     assert not norm.running_mean.is_meta and torch.equal(norm.running_var, torch.ones(3))
     assert meta_tensor_names(norm) == ["weight", "bias"]
+
+
+def test_a_legacy_pickle_in_fp16_is_cast_where_it_was_read(tmp_path):
+    """Files torch wrote before its zip format cannot be mapped: they are read once and cast in place."""
+    config = OmegaConf.load(ROOT / TINY_CONFIGS[0])
+    reference = build_tiny_model(config)
+    sd = {k: v.half() if k.startswith(NETWORKS) else v for k, v in reference.state_dict().items()
+          if not k.startswith("embedding_manager.")}
+    torch.save({"state_dict": sd}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    model = load_model_from_config(config, str(tmp_path / "legacy.ckpt"), verbose=False)
+    assert meta_tensor_names(model) == []
+    assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in sd.items() if v.is_floating_point())
