@@ -115,6 +115,11 @@ def measure_loop(args, loop):
     out = sample(x_T, args.steps, args.guidance)
     bt.synchronize(device)
     seconds = time.perf_counter() - start
+    if args.profile:  # one more step, profiled: where its time goes, op by op (after the timing, so it costs none)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            sample(x_T, 1, args.guidance)
+        print(f"{loop}, one DDIM step:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),
+              file=sys.stderr)
     return {"loop": loop, "seconds_per_step": seconds / args.steps, "seconds": seconds, "warmup_seconds": warmup,
             "peak_memory_mib": bt.peak_memory_mib(device, reset_worked)}, out.float().cpu()
 
@@ -133,9 +138,12 @@ def run(args):
                        "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--seed", str(args.seed),
                        "--guidance", str(args.guidance), "--prompt", args.prompt, "--precision", args.precision]
                 cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--smoke"] if args.smoke else [])
+                cmd += ["--profile"] if args.profile else []
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"sampling case {loop} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+                if args.profile:
+                    print(proc.stderr[proc.stderr.index(f"{loop}, one DDIM step:"):], flush=True)
                 with open(out + ".json") as f:
                     runs[loop].append(json.load(f))
                 finals[loop] = torch.load(out + ".pt")
@@ -197,6 +205,7 @@ def parse_args(argv=None):
                    help="no placeholder, so that both loops condition on the same words")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also time our sampler with the UNet torch.compiled")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one more step per loop")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
