@@ -2,8 +2,9 @@
 
 Configs (`-b`, merged left to right, then `nested.key=value` dotlist arguments) hold `model`, `data` and an
 optional `lightning` block (`trainer`, `logger`, `modelcheckpoint`, `callbacks`); trainer flags given on the
-command line override `lightning.trainer`. A run writes logs/<time>_<name>/ with checkpoints/ (Lightning
-checkpoints, embeddings.pt, embeddings_gs-<step>.pt), configs/ (the merged configs), images/ and a CSV log.
+command line override `lightning.trainer`. A run writes logs/<data folder><time>_<name>/ with checkpoints/
+(Lightning checkpoints, embeddings.pt, embeddings_gs-<step>.pt, embeddings.safetensors), configs/ (the merged
+configs), images/ and a CSV log. Options named as AUTOMATIC1111, diffusers and kohya name them: ldm/train_options.py.
 `-r LOGDIR` (or a checkpoint inside it) resumes that run's training exactly where it stopped, with the seed it
 was started with; a damaged last.ckpt falls back to the newest good checkpoint.
 
@@ -29,6 +30,8 @@ from ldm.callbacks import (ImageLogger, InterruptCheckpoint, RunInterrupted, Set
 from ldm.checkpoint import CheckpointError, SafeCheckpointIO, check_weights, load_checkpoint, remove_stray_temporaries
 from ldm.cli_checks import user_error_message
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401 (YAML targets)
+from ldm.train_options import OptionError, add_arguments, apply_training_options, describe_learning_rate, \
+    describe_outputs
 from ldm.util import ConfigError, instantiate_from_config
 
 if __name__ == "__main__":
@@ -51,9 +54,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 # Trainer options exposed as flags: name -> argparse type. Unset flags leave `lightning.trainer` alone.
 TRAINER_FLAGS = {
-    "max_steps": int, "max_epochs": int, "accelerator": str, "devices": str, "strategy": str, "precision": str,
-    "accumulate_grad_batches": int, "num_nodes": int, "gpus": str, "log_every_n_steps": int,
-    "check_val_every_n_epoch": int, "limit_val_batches": str,
+    "max_steps": (int, "stop after this many optimizer steps (raise it to train a finished run further with -r)"),
+    "max_epochs": (int, "stop after this many passes over the (repeated) images"),
+    "accelerator": (str, "cpu, gpu, mps or auto"),
+    "devices": (str, "how many devices, or which: 2, or 0,1"),
+    "strategy": (str, "e.g. ddp (chosen for you with several devices)"),
+    "precision": (str, "32, bf16-mixed (frozen UNet in bf16, embedding in fp32) or 16-mixed"),
+    "accumulate_grad_batches": (int, "batches per optimizer step"),
+    "num_nodes": (int, "machines of a multi-node run"),
+    "gpus": (str, "the original's flag: GPU indices, e.g. 0, or 0,1 (sets accelerator and devices)"),
+    "log_every_n_steps": (int, "write metrics every N steps"),
+    "check_val_every_n_epoch": (int, "validate every N epochs"),
+    "limit_val_batches": (str, "validation batches per check: a count, or a fraction such as 0.5"),
 }
 
 
@@ -102,10 +114,11 @@ def get_parser(**parser_kwargs):
                              "(the last two are optional extras)")
     parser.add_argument("--trust_config", default=False, **flag,
                         help="on -r, allow the run's configs to name targets outside this project's modules")
-    trainer = parser.add_argument_group("trainer", "override lightning.trainer of the configs")
-    for name, kind in TRAINER_FLAGS.items():
-        trainer.add_argument(f"--{name}", type=kind, default=None)
-    return parser
+    trainer = parser.add_argument_group("trainer", "override lightning.trainer of the configs (Lightning's "
+                                        "Trainer arguments of the same names)")
+    for name, (kind, text) in TRAINER_FLAGS.items():
+        trainer.add_argument(f"--{name}", type=kind, default=None, help=text)
+    return add_arguments(parser)
 
 
 # ----------------------------------------------------------------------------------------------- run directory
@@ -129,7 +142,7 @@ def resolve_run_dir(opt, now):
         configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
         if not configs:
             raise UsageError(f"{logdir} has no configs/*.yaml: -r takes a log directory written by main.py "
-                             "(logs/<time>_<name>) or a checkpoint inside its checkpoints/ folder.")
+                             "(a run folder under logs/) or a checkpoint inside its checkpoints/ folder.")
         opt.base = configs + list(opt.base)
         return logdir, os.path.basename(logdir), ckpt
     if opt.name:
@@ -454,6 +467,7 @@ def build_callbacks(opt, model, config, lightning_config, now, logdir, ckptdir, 
         "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
                                  "params": {"logging_interval": "step"}},
         "cuda_callback": {"target": "ldm.callbacks.CUDACallback"},
+        "progress": {"target": "ldm.callbacks.RunProgress"},
         "checkpoint_callback": modelckpt_cfg,
     }
     user_cfg = lightning_config.get("callbacks", OmegaConf.create())
@@ -491,16 +505,9 @@ def build_trainer(opt, options, model, data, config, lightning_config, now, logd
 
 def set_learning_rate(opt, model, config, trainer):
     bs, base_lr = config.data.params.batch_size, config.model.base_learning_rate
-    accumulate_grad_batches, ngpu = trainer.accumulate_grad_batches, trainer.num_devices
-    print(f"accumulate_grad_batches = {accumulate_grad_batches}")
-    if opt.scale_lr:
-        model.learning_rate = accumulate_grad_batches * ngpu * bs * base_lr
-        print("Setting learning rate to {:.2e} = {} (accumulate_grad_batches) * {} (num_gpus) * {} (batchsize) * "
-              "{:.2e} (base_lr)".format(model.learning_rate, accumulate_grad_batches, ngpu, bs, base_lr))
-    else:
-        model.learning_rate = base_lr
-        print("++++ NOT USING LR SCALING ++++")
-        print(f"Setting learning rate to {model.learning_rate:.2e}")
+    factors = (trainer.accumulate_grad_batches, trainer.num_devices, bs)
+    model.learning_rate = factors[0] * factors[1] * factors[2] * base_lr if opt.scale_lr else base_lr
+    print(describe_learning_rate(model, config, opt.scale_lr, factors))
 
 
 # ------------------------------------------------------------------------------------------------------------ run
@@ -540,6 +547,10 @@ def main(argv=None):
     if not train and not has_test:
         raise UsageError("Nothing to do: add -t to train (a new run), or -r LOGDIR to resume one.")
     options = trainer_options(opt, lightning_config)
+    try:
+        apply_training_options(opt, config, lightning_config, options)
+    except OptionError as err:
+        raise UsageError(str(err)) from None
     if opt.resume:
         _steps_left(resume_state, options, resume_ckpt)
 
@@ -568,6 +579,8 @@ def main(argv=None):
             trainer.fit(model, data, ckpt_path=resume_ckpt)
         if has_test and not trainer.interrupted:
             trainer.test(model, data)
+        if trainer.global_rank == 0:
+            print(describe_outputs(logdir))
     except Exception:
         if opt.debug and trainer.global_rank == 0:
             import pdb

@@ -321,6 +321,37 @@ class ThreadShare(Callback):
         self._unregister()
 
 
+def format_duration(seconds):
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+
+class RunProgress(Callback):
+    """One line every `every_n_steps` (default: a twentieth of the run) with the whole run's progress, its
+    speed over the steps this process trained, and the time left to max_steps."""
+
+    def __init__(self, every_n_steps=None):
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self._start = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = (time.time(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        total, step = trainer.max_steps, trainer.global_step
+        every = self.every_n_steps or max(1, total // 20 if total and total > 0 else 50)
+        if self._start is None or trainer.global_rank != 0 or step == self._start[1] or step % every:
+            return
+        per_step = (time.time() - self._start[0]) / (step - self._start[1])
+        if total and total > 0:
+            print(f"step {step}/{total} ({100 * step / total:.0f}%), {per_step:.2f} s/step, "
+                  f"{format_duration(per_step * (total - step))} left")
+        else:
+            print(f"step {step} (no --max_steps: no end to count down to), {per_step:.2f} s/step")
+
+
 class CUDACallback(Callback):
     """Reports each epoch's time and peak GPU memory (nothing to do on other devices)."""
 

@@ -48,6 +48,9 @@ def sampling_problems(opt):
     eta = flag("ddim_eta")
     if eta is not None and math.isfinite(eta) and eta < 0:
         errors.append(f"--ddim_eta {eta}: must be 0 (deterministic) or more.")
+    if flag("negative_prompt") and flag("scale") == 1:
+        errors.append("--negative_prompt works through guidance, which --scale 1 switches off: pass a --scale "
+                      "above 1 (e.g. 7.5) or drop --negative_prompt.")
     for name in ("prompt", "placeholder_string"):
         value = flag(name)
         values = value if isinstance(value, list) else [value]
@@ -69,7 +72,8 @@ def placeholder_notes(opt):
                 names += list(load_embedding_file(path).vectors)
             except (ValueError, OSError):
                 return []  # the loader itself reports the file
-    if any(name in prompt for name in names):
+    written = f"{prompt} {getattr(opt, 'negative_prompt', None) or ''}"
+    if any(name in written for name in names):
         return []
     return [f"--prompt {prompt!r} names none of the learned concepts ({', '.join(names)}): the embeddings will not "
             "be used. Put the placeholder in the prompt, e.g. 'a photo of " + names[0] + "'."]

@@ -52,6 +52,9 @@ def build_parser(description, **defaults):
     p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     p.add_argument("--scale", type=float, default=7.5,
                    help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    p.add_argument("--negative_prompt", type=str, default="",
+                   help="what the image should not show: guidance steers away from it instead of from the empty "
+                        "prompt; loaded embeddings work here by their word (e.g. EasyNegative)")
     p.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
     p.add_argument("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml",
                    help="path to the config which constructs the model")
@@ -116,13 +119,17 @@ def load_model(opt):
     return model
 
 
+def read_prompts(path):
+    """The non-blank lines of a prompt file."""
+    with open(path, encoding="utf-8") as f:
+        return [line for line in f.read().splitlines() if line.strip()]
+
+
 def prompt_batches(opt):
     if not opt.from_file:
         return [opt.n_samples * [opt.prompt]]
     print(f"reading prompts from {opt.from_file}")
-    with open(opt.from_file) as f:
-        prompts = [line for line in f.read().splitlines() if line.strip()]
-    lines = iter(prompts)
+    lines = iter(read_prompts(opt.from_file))
     return list(iter(lambda: list(islice(lines, opt.n_samples)), []))
 
 
@@ -179,14 +186,15 @@ def main(parser, argv=None):
         start_code = torch.randn([opt.n_samples, *shape], generator=generator).to(opt.device)
 
     batches = prompt_batches(opt)
-    warn_lost_placeholders(model, {prompt for prompts in batches for prompt in prompts})
+    warn_lost_placeholders(model, {prompt for prompts in batches for prompt in prompts} | {opt.negative_prompt})
     written, all_samples = [], []
     tic = time.time()
     with torch.no_grad(), precision_scope(opt), model.ema_scope():
         for _ in trange(opt.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data"):
                 images = generate(model, prompts, opt.sampler, opt.ddim_steps, opt.scale, opt.ddim_eta, generator,
-                                  shape, x_T=None if start_code is None else start_code[:len(prompts)]).cpu()
+                                  shape, x_T=None if start_code is None else start_code[:len(prompts)],
+                                  negative_prompt=opt.negative_prompt).cpu()
                 if not opt.skip_save:
                     for image in images:
                         path = os.path.join(sample_path, f"{base_count:05}.png")

@@ -9,7 +9,7 @@ Either sample from a model (--config, --ckpt, --embedding_path) or score a folde
 images (--images_dir). Samples go to OUTDIR/<prompt>/samples/NNNNN.png; --json writes the numbers.
 
 Example (the toy demo):
-    python scripts/evaluate_model.py --config configs/toy/txt2img-toy.yaml --ckpt models/ldm/toy/model.safetensors \\
+    python scripts/evaluate_model.py --config configs/toy/txt2img-shapes-inference.yaml --ckpt models/toy/shapes-ldm.safetensors \\
         --embedding_path logs/<run>/checkpoints/embeddings.pt --data_dir data/toy_concept \\
         --prompt "a photo of *" --toy_target "magenta triangle large top"
 """

@@ -1,4 +1,5 @@
-"""Text-to-image with Stable Diffusion v1 and learned embeddings, e.g.
+"""Text-to-image with Stable Diffusion (v1 by default; SD 2.x and SDXL with their --config) and learned
+embeddings, e.g.
 
     python scripts/stable_txt2img.py --ddim_eta 0.0 --n_samples 8 --n_iter 2 --scale 10.0 --ddim_steps 50 \
         --embedding_path logs/<run>/checkpoints/embeddings.pt --ckpt models/ldm/stable-diffusion-v1/model.ckpt \
@@ -14,7 +15,8 @@ from ldm.txt2img_common import build_parser, main as run  # noqa: E402
 
 
 def main(argv=None):
-    parser = build_parser("Stable Diffusion v1 text-to-image sampling (512 px, config + checkpoint)")
+    parser = build_parser("Stable Diffusion text-to-image sampling: SD v1 by default (512 px); SD 2.x and SDXL "
+                          "with their --config (e.g. configs/stable-diffusion/v2-inference.yaml) and --H/--W")
     return run(checked_parser(parser), argv)
 
 

@@ -1,5 +1,6 @@
 """The concept-folder datasets: captions, image modes, folder errors, crop/flip/resize, length."""
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_non_image_files_are_skipped_with_one_warning(folder):
     (folder / ".DS_Store").write_bytes(b"\x00\x01")
     (folder / "sub").mkdir()
     with pytest.warns(UserWarning) as record:
-        ds = PersonalizedBase(str(folder), size=8)
+        ds = PersonalizedBase(str(folder), size=8, crop="center")
     assert len(record) == 1
     message = str(record[0].message)
     assert "notes.txt" in message and "broken.png" in message and "sub" in message
@@ -156,3 +157,75 @@ def test_too_many_images_for_per_image_tokens(tmp_path):
         _save(tmp_path / "many", f"{i:02d}.png", Image.new("RGB", (4, 4)))
     with pytest.raises(ValueError, match="per_image_tokens"):
         PersonalizedBase(str(tmp_path / "many"), per_image_tokens=True)
+
+
+def test_crop_modes_and_the_distortion_warning(folder):
+    """crop: center equals the original's center_crop; none squashes, and says so once for the 40x20 image."""
+    center = PersonalizedBase(str(folder), size=10, crop="center", flip_p=0.0, set="val")[0]["image"]
+    original = PersonalizedBase(str(folder), size=10, center_crop=True, flip_p=0.0, set="val")[0]["image"]
+    np.testing.assert_array_equal(center, original)
+    stretched = r"1 images .* stretched by more than 25% .*a_wide.png \(40x20\).*--crop center"
+    with pytest.warns(UserWarning, match=stretched):
+        PersonalizedBase(str(folder), size=10, crop="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PersonalizedBase(str(folder), size=10, crop="center")
+        PersonalizedBase(str(folder), crop="none")  # no resize, no distortion
+    with pytest.raises(ValueError, match="crop 'top'"):
+        PersonalizedBase(str(folder), crop="top")
+
+
+def test_caption_files_place_the_placeholder(folder):
+    (folder / "a_wide.txt").write_text("  a gradient  by @\n")
+    (folder / "b_square.txt").write_text("a white stripe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # caption files are not "non-image entries"
+        ds = PersonalizedBase(str(folder), placeholder_token="@", coarse_class_text="pattern")
+    assert [ds[0]["caption"], ds[1]["caption"]] == ["a gradient by @", "pattern @ a white stripe"]
+    (folder / "a_wide.txt").write_text("* on paper")
+    assert PersonalizedBase(str(folder), placeholder_token="sks")[0]["caption"] == "sks on paper"
+    # another extension, or none: the .txt files are then entries that are not images
+    with pytest.warns(UserWarning, match="Skipping 2 non-image entries"):
+        ds = PersonalizedBase(str(folder), caption_extension=None)
+    assert ds[0]["caption"] in [t.format("*") for t in personalized.imagenet_templates_small]
+    (folder / "b_square.txt").write_text("\n")
+    with pytest.raises(ValueError, match="b_square.txt is empty"):
+        PersonalizedBase(str(folder))
+
+
+def test_templates_are_checked(folder, tmp_path):
+    random.seed(4)
+    ds = PersonalizedBase(str(folder), templates=["a {} here", "a {} there"], placeholder_token="@")
+    assert {ds[i]["caption"] for i in range(20)} == {"a @ here", "a @ there"}
+    with pytest.raises(ValueError, match="exactly one {}.*'no placeholder'"):
+        PersonalizedBase(str(folder), templates=["no placeholder"])
+    bad = tmp_path / "templates.txt"
+    bad.write_text("a {} and {}\n")
+    with pytest.raises(ValueError, match="templates.txt: each caption template"):
+        personalized.read_templates(str(bad))
+    a1111 = tmp_path / "a1111.txt"
+    a1111.write_text("a photo of a [name]\nart by [name]\n")
+    assert personalized.read_templates(str(a1111)) == ["a photo of a {}", "art by {}"]
+    a1111.write_text("a photo of a [name], [filewords]\n")
+    with pytest.raises(ValueError, match=r"a1111.txt: AUTOMATIC1111's \[filewords\] is not read"):
+        personalized.read_templates(str(a1111))
+
+
+def test_random_crops_take_few_cacheable_places(folder):
+    """crop: random cuts the 40x20 image's 20 px square at one of RANDOM_CROP_PLACES places along its width,
+    drawn per example; the place is in the cache key, so equal keys still mean equal pixels."""
+    random.seed(5)
+    ds = PersonalizedBase(str(folder), crop="random", flip_p=0.0, set="val", size_conditioning=True)
+    by_key, lefts = {}, set()
+    for _ in range(60):
+        example = ds[0]
+        assert example["image"].shape == (20, 20, 3)
+        left = int(example["crop_coords_top_left"][1])
+        lefts.add(left)
+        # the gradient's red channel is 6 * column: the crop's first column says where it was cut
+        assert to_uint8_hwc(example["image"])[0, 0, 0] == 6 * left
+        if example["cache_key"] in by_key:
+            np.testing.assert_array_equal(by_key[example["cache_key"]], example["image"])
+        by_key[example["cache_key"]] = example["image"]
+    assert len(by_key) == len(lefts) == personalized.RANDOM_CROP_PLACES and lefts >= {0, 20}
+    assert ds[1]["image"].shape == (24, 24, 3)  # a square image has one place

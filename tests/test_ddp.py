@@ -64,7 +64,8 @@ def test_two_process_ddp_training(tmp_path, tiny_ckpt, concept_dir):
                           text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:]
-    assert "* 2 (num_gpus) * 2 (batchsize)" in out, "the scaled learning rate counts both processes"
+    assert "(--scale_lr: 2 batch size x 2 devices x 1 accumulated batches" in out, \
+        "the scaled learning rate counts both processes"
 
     # one run directory, one embeddings.pt: the second rank writes no files of its own
     runs = list(logs.iterdir())

@@ -41,6 +41,8 @@ EXPORTS = [
     # kohya files carry no name: diffusers reads their single key "emb_params" as the token unless told
     ("kohya", "magenta-tri.safetensors", "magenta-tri", "<magenta-tri>"),
     ("kohya", "magenta-tri.pt", "magenta-tri", "<magenta-tri>"),
+    # what main.py writes beside embeddings.pt (embeddings.safetensors)
+    ("a1111-safetensors", "magenta-tri.safetensors", "magenta-tri", "<magenta-tri>"),
 ]
 
 

@@ -177,6 +177,21 @@ def test_sdxl_guidance_uses_zeroed_text_and_every_sampler_takes_the_dict_conditi
     assert not torch.equal(unguided, images["ddim"])
 
 
+def test_sdxl_negative_prompt_is_encoded_not_zeroed():
+    """A negative prompt is the unconditional text (encoded, as diffusers' SDXL pipeline does); "" keeps
+    Stability's zeroed text."""
+    model = build_tiny_model(OmegaConf.load(TINY_SDXL))
+    prompts = ["a photo of *", "a cat"]
+    _, default = model.sampling_conditioning(prompts, guided=True, shape=(4, 8, 6))
+    _, empty = model.sampling_conditioning(prompts, guided=True, shape=(4, 8, 6), negative_prompts=["", ""])
+    cond, negative = model.sampling_conditioning(prompts, guided=True, shape=(4, 8, 6),
+                                                 negative_prompts=2 * ["blurry"])
+    assert torch.equal(default["c_crossattn"][0], empty["c_crossattn"][0]) and torch.equal(default["y"], empty["y"])
+    assert negative["c_crossattn"][0].abs().sum() > 0 and negative["y"][:, :24].abs().sum() > 0
+    expected, _ = model.sampling_conditioning(2 * ["blurry"], guided=True, shape=(4, 8, 6))
+    assert torch.allclose(negative["c_crossattn"][0], expected["c_crossattn"][0])
+
+
 def test_xti_on_a_two_encoder_model_is_refused_naming_the_option():
     config = OmegaConf.load(TINY_SDXL)
     config.model.params.personalization_config.target = "ldm.modules.xti.XTIEmbeddingManager"

@@ -183,3 +183,24 @@ def test_one_prompt_to_filename_rule():
     assert prompt_to_filename("ein Foto von * (v2.0) — groß", "x") == "ein-Foto-von-v2-0-gro"
     assert prompt_to_filename("***", "prompt") == "prompt"
     assert len(prompt_to_filename("a" * 300, "x")) == 100
+
+
+def test_negative_prompt_replaces_the_empty_prompt_in_guidance(tmp_path, tiny_args, capsys):
+    """--negative_prompt: the unconditional side of guidance; "" is the default; a loaded embedding's word
+    (an AUTOMATIC1111 file, as EasyNegative is used) works there."""
+    from ldm.modules.embedding_io import save_embedding_file
+    args = tiny_args + ["--skip_grid", "--prompt", "a red circle", "--scale", "5"]
+    default = stable_txt2img.main(args)
+    empty = stable_txt2img.main(args + ["--negative_prompt", ""])
+    negative = stable_txt2img.main(args + ["--negative_prompt", "a blue square"])
+    assert np.array_equal(pixels(default[0]), pixels(empty[0]))
+    assert not np.array_equal(pixels(default[0]), pixels(negative[0]))
+    easy = save_embedding_file(tmp_path / "EasyNegative.safetensors",
+                               {"x": 3 * torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                               fmt="a1111-safetensors")
+    word = txt2img.main(args + ["--negative_prompt", "EasyNegative", "--embedding_path", str(easy)])
+    bare = txt2img.main(args + ["--negative_prompt", "EasyNegative"])
+    assert not np.array_equal(pixels(word[0]), pixels(bare[0]))
+    with pytest.raises(SystemExit):
+        stable_txt2img.main(tiny_args + ["--negative_prompt", "blurry", "--scale", "1"])
+    assert "--negative_prompt works through guidance, which --scale 1 switches off" in capsys.readouterr().err

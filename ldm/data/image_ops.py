@@ -43,12 +43,13 @@ def load_rgb(path):
         return to_rgb(image)
 
 
-def center_crop(image):
-    """The largest centred square of a PIL image (the original's crop arithmetic)."""
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return image.crop((left, top, left + side, top + side))
+def square_crop(image, place=0.5):
+    """-> (the largest square of a PIL image, its (top, left)); `place` in [0, 1] along the long side (0.5:
+    centred, with the original's arithmetic)."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = int((width - side) * place), int((height - side) * place)
+    return image.crop((left, top, left + side, top + side)), (top, left)
 
 
 def resize(image, size, interpolation="bicubic"):

@@ -8,7 +8,7 @@ from PIL import Image
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.image_ops import center_crop, hflip, load_rgb, resample_filter, resize, to_model_range
+from ldm.data.image_ops import hflip, load_rgb, resample_filter, resize, square_crop, to_model_range
 
 imagenet_templates_smallest = [
     'a photo of a {}',
@@ -135,19 +135,32 @@ per_img_token_list = [
 
 
 MIN_USEFUL_SIDE = 8  # px; smaller training images are almost certainly a mistake
+# Without cropping, images whose long side exceeds the short one by more than this are reported as distorted.
+MAX_UNWARNED_ASPECT = 1.25
+CROP_MODES = ("center", "none", "random")
+# A random crop starts at one of this many evenly spaced places along the long side, so latents stay cacheable.
+RANDOM_CROP_PLACES = 8
+LEARNABLE_PROPERTIES = ("object", "style")
 
 
-def list_images(data_root):
+def list_images(data_root, caption_extension=None):
     """Sorted paths of the readable images in `data_root`.
 
-    Hidden files are ignored; anything else PIL cannot open is skipped with one warning naming it.
-    A missing folder or one without images is an error naming the folder.
+    Hidden files, and the caption files of images (<image name><caption_extension>), are ignored; anything else
+    PIL cannot open is skipped with one warning naming it. A missing folder or one without images is an error
+    naming the folder.
     """
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"Training image folder {data_root!r} does not exist (check --data_root)")
+    names = sorted(os.listdir(data_root))
+    # <stem><caption_extension> is a caption when another file (the image) has that stem
+    is_caption = (lambda name: name.endswith(caption_extension)) if caption_extension else (lambda name: False)
+    stems = {os.path.splitext(name)[0] for name in names if not is_caption(name)}
     images, skipped, tiny = [], [], []
-    for name in sorted(os.listdir(data_root)):
+    for name in names:
         if name.startswith("."):
+            continue
+        if is_caption(name) and name[:-len(caption_extension)] in stems:
             continue
         path = os.path.join(data_root, name)
         try:
@@ -169,6 +182,56 @@ def list_images(data_root):
                          + (f" ({len(skipped)} files are not images or are damaged)" if skipped else "")
                          + ": put 3-5 images of the concept there")
     return images
+
+
+def check_templates(templates, source):
+    """`templates` as a list, if each has one {} where the placeholder goes; else a ValueError naming `source`."""
+    templates = [str(t) for t in templates]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad or not templates:
+        raise ValueError(f"{source}: each caption template needs exactly one {{}} where the placeholder goes "
+                         + (f"(not {bad[0]!r})" if bad else "(there are none)"))
+    return templates
+
+
+def read_templates(path):
+    """Caption templates from a file, one per line; AUTOMATIC1111's `[name]` stands for the placeholder too
+    (its `[filewords]` is refused: put such captions in caption files)."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip().replace("[name]", "{}") for line in f.read().splitlines() if line.strip()]
+    if any("[filewords]" in line for line in lines):
+        raise ValueError(f"{path}: AUTOMATIC1111's [filewords] is not read; write each image's caption in a .txt "
+                         "file beside it instead")
+    return check_templates(lines, path)
+
+
+def read_caption(path, token, placeholder=None):
+    """An image's caption file with the placeholder in it: left as it is when it writes `token`; else
+    `placeholder` (default: `token`; e.g. with the coarse class word) where it writes `*`, or in front of it."""
+    placeholder = placeholder or token
+    try:
+        with open(path, encoding="utf-8") as f:
+            caption = " ".join(f.read().split())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"Caption file {path} could not be read ({err}): write it as UTF-8 text") from None
+    if not caption:
+        raise ValueError(f"Caption file {path} is empty: write the image's caption in it, or delete it")
+    if token in caption:
+        return caption
+    if "*" in caption:
+        return caption.replace("*", placeholder)
+    return f"{placeholder} {caption}"
+
+
+def distorted(paths, limit=MAX_UNWARNED_ASPECT):
+    """'name (WxH)' of the images whose sides differ by more than `limit`: squashed by a square resize."""
+    found = []
+    for path in paths:
+        with Image.open(path) as image:
+            width, height = image.size
+        if max(width, height) > limit * min(width, height):
+            found.append(f"{os.path.basename(path)} ({width}x{height})")
+    return found
 
 
 class PersonalizedBase(Dataset):
@@ -194,9 +257,19 @@ class PersonalizedBase(Dataset):
                  mixing_prob=0.25,
                  coarse_class_text=None,
                  size_conditioning=False,
+                 learnable_property=None,
+                 templates=None,
+                 caption_extension=".txt",
+                 crop=None,
                  ):
+        """Beyond the original's parameters: `learnable_property` (object|style) picks the built-in templates,
+        `templates` (a list of strings with {}) replaces them; `caption_extension`: a file <image
+        name><ext> beside an image is its caption (None: no caption files); `crop` center|none|random (random:
+        a square at one of RANDOM_CROP_PLACES places along the long side, drawn per example; default: the
+        original's `center_crop` flag)."""
         self.data_root = data_root
-        self.image_paths = list_images(data_root)
+        self.caption_extension = caption_extension
+        self.image_paths = list_images(data_root, caption_extension)
         self.num_images = len(self.image_paths)
         self._length = self.num_images * repeats if set == "train" else self.num_images
 
@@ -206,9 +279,20 @@ class PersonalizedBase(Dataset):
         self.flip_p = flip_p
         self.placeholder_token = placeholder_token
         self.per_image_tokens = per_image_tokens
-        self.center_crop = center_crop
+        if crop is not None and crop not in CROP_MODES:
+            raise ValueError(f"crop {crop!r}: choose one of {', '.join(CROP_MODES)}")
+        self.crop = crop or ("center" if center_crop else "none")
+        if self.crop == "none" and size is not None:
+            stretched = distorted(self.image_paths)
+            if stretched:
+                warnings.warn(f"{len(stretched)} images in {data_root!r} are not square and are resized to "
+                              f"{size}x{size} px, one side stretched by more than {MAX_UNWARNED_ASPECT - 1:.0%} "
+                              f"(e.g. {stretched[0]}): pass --crop center (data param crop: center) to crop "
+                              "them instead, or crop them yourself.")
+        self.templates = self._choose_templates(learnable_property, templates)
         self.mixing_prob = mixing_prob
         self.coarse_class_text = coarse_class_text
+        self.captions = self.read_captions()
         # SDXL's micro-conditioning: each image's source size, crop and target size (set by SDXL configs)
         self.size_conditioning = size_conditioning
         self._sizes = {}
@@ -216,43 +300,81 @@ class PersonalizedBase(Dataset):
         if per_image_tokens and self.num_images > len(per_img_token_list):
             raise ValueError(f"per_image_tokens supports at most {len(per_img_token_list)} images, "
                              f"{data_root!r} has {self.num_images}; add tokens to per_img_token_list")
-        # Decoded, cropped and resized images by index: a concept folder holds a handful of images.
+        # Decoded, cropped and resized images by (index, crop place): a concept folder holds a handful of images.
         self._prepared = {}
+
+    def _choose_templates(self, learnable_property, templates):
+        if templates is not None:
+            return check_templates(templates, "data param templates")
+        if learnable_property is None:
+            return type(self).templates
+        if learnable_property not in LEARNABLE_PROPERTIES:
+            raise ValueError(f"learnable_property {learnable_property!r}: choose one of "
+                             f"{', '.join(LEARNABLE_PROPERTIES)}")
+        if learnable_property == "style":
+            from ldm.data import personalized_style
+            self.dual_templates = personalized_style.imagenet_dual_style_templates_small
+            return personalized_style.imagenet_style_templates_small
+        self.dual_templates = imagenet_dual_templates_small
+        return imagenet_templates_small
 
     def __len__(self):
         return self._length
 
-    def caption(self, image_index):
-        placeholder = self.placeholder_token
+    def read_captions(self):
+        """{image index: caption} of the images with a caption file (read now: a bad file stops the run early)."""
+        if not self.caption_extension:
+            return {}
+        paths = [os.path.splitext(p)[0] + self.caption_extension for p in self.image_paths]
+        return {i: read_caption(path, self.placeholder_token, self.placeholder())
+                for i, path in enumerate(paths) if os.path.isfile(path)}
+
+    def placeholder(self):
+        """The placeholder as captions write it (after the coarse class word, if any)."""
         if self.coarse_class_text:
-            placeholder = f"{self.coarse_class_text} {placeholder}"
+            return f"{self.coarse_class_text} {self.placeholder_token}"
+        return self.placeholder_token
+
+    def caption(self, image_index):
+        placeholder = self.placeholder()
+        if image_index in self.captions:
+            return self.captions[image_index]
         if self.per_image_tokens and random.random() < self.mixing_prob:
             return random.choice(self.dual_templates).format(placeholder, per_img_token_list[image_index])
         return random.choice(self.templates).format(placeholder)
 
-    def prepared_image(self, image_index):
-        """The image before the random flip: RGB, optionally centre-cropped, resized."""
-        if image_index not in self._prepared:
+    def crop_place(self):
+        """Where along the long side this example's square is cropped: None (no crop), 0.5 (centre) or random."""
+        if self.crop == "none":
+            return None
+        if self.crop == "center":
+            return 0.5
+        return random.randrange(RANDOM_CROP_PLACES) / (RANDOM_CROP_PLACES - 1)
+
+    def prepared_image(self, image_index, place=None):
+        """The image before the random flip: RGB, cropped to a square at `place` (None: not cropped), resized."""
+        key = (image_index, place)
+        if key not in self._prepared:
             image = load_rgb(self.image_paths[image_index])
             width, height = image.size
             crop = (0, 0)
-            if self.center_crop:
-                image = center_crop(image)
-                side = min(width, height)
+            if place is not None:
+                image, (top, left) = square_crop(image, place)
                 # top-left of the crop in the image scaled to the output size, as Stability's data pipeline
-                scale = (self.size or side) / side
-                crop = (round((height - side) // 2 * scale), round((width - side) // 2 * scale))
+                scale = (self.size or image.size[0]) / image.size[0]
+                crop = (round(top * scale), round(left * scale))
             if self.size is not None:
                 image = resize(image, self.size, self.interpolation)
-            self._prepared[image_index] = image
-            self._sizes[image_index] = {"original_size_as_tuple": torch.tensor([height, width]),
-                                        "crop_coords_top_left": torch.tensor(crop),
-                                        "target_size_as_tuple": torch.tensor([image.size[1], image.size[0]])}
-        return self._prepared[image_index]
+            self._prepared[key] = image
+            self._sizes[key] = {"original_size_as_tuple": torch.tensor([height, width]),
+                                "crop_coords_top_left": torch.tensor(crop),
+                                "target_size_as_tuple": torch.tensor([image.size[1], image.size[0]])}
+        return self._prepared[key]
 
     def __getitem__(self, i):
         image_index = i % self.num_images
-        image = self.prepared_image(image_index)
+        place = self.crop_place()
+        image = self.prepared_image(image_index, place)
         flipped = random.random() < self.flip_p
         if flipped:
             image = hflip(image)
@@ -260,8 +382,9 @@ class PersonalizedBase(Dataset):
         example = {
             "image": to_model_range(image),
             "caption": self.caption(image_index),
-            "cache_key": f"{path}|{int(flipped)}",
+            # the same key, the same pixels: a model may cache the latent
+            "cache_key": f"{path}|{int(flipped)}" + (f"|{place:.3f}" if self.crop == "random" else ""),
         }
         if self.size_conditioning:
-            example.update(self._sizes[image_index])
+            example.update(self._sizes[(image_index, place)])
         return example

@@ -258,8 +258,9 @@ class EmbeddingManager(nn.Module):
         return loss
 
     # ------------------------------------------------------------------ files
-    def save(self, ckpt_path, step=None, name=None):
-        """Write the official format (plain tensors, loadable with torch.load(weights_only=True))."""
+    def save(self, ckpt_path, step=None, name=None, fmt="official"):
+        """Write the official format (plain tensors, loadable with torch.load(weights_only=True)), or another
+        format of embedding_io.FORMATS (one concept for the one-concept formats)."""
         from ldm.modules.embedding_io import save_embedding_file
         strings = list(self.string_to_param_dict)
         if self.string_to_token_sequence:
@@ -270,7 +271,7 @@ class EmbeddingManager(nn.Module):
         return save_embedding_file(
             ckpt_path, vectors={s: p.detach() for s, p in self.string_to_param_dict.items()},
             tokens={s: int(t) for s, t in self.string_to_token_dict.items()},
-            name=name or ",".join(strings), step=step, fmt="official")
+            name=name or ",".join(strings), step=step, fmt=fmt)
 
     def load(self, ckpt_paths, placeholder_strings=None):
         """Add (or replace) the concepts of one or several embedding files of any supported format.

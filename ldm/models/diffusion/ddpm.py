@@ -626,28 +626,37 @@ class LatentDiffusion(TextualInversion, DDPM):
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
-    def sampling_conditioning(self, prompts, guided, shape=None):
-        """(cond, uncond) of `prompts` for sampling latents of `shape` (C, H, W); uncond only when `guided`:
+    def sampling_conditioning(self, prompts, guided, shape=None, negative_prompts=None):
+        """(cond, uncond) of `prompts` for sampling latents of `shape` (C, H, W); uncond only when `guided`.
+
+        uncond is the conditioning of `negative_prompts` (one per prompt) when any of them is non-empty; else
         the empty prompt's, or with a conditioner (SDXL) its unconditional conditioning with the text zeroed,
-        as Stability samples SDXL."""
+        as Stability samples SDXL. A negative prompt is encoded like any prompt, so loaded embeddings
+        (e.g. EasyNegative) work there by their word."""
+        negative = list(negative_prompts) if negative_prompts is not None and any(negative_prompts) else None
+        if negative is not None and len(negative) != len(prompts):
+            raise ValueError(f"got {len(negative)} negative prompts for {len(prompts)} prompts")
         if self.conditioner is None:
             cond = self.get_learned_conditioning(prompts)
-            return cond, (self.get_learned_conditioning(len(prompts) * [""]) if guided else None)
+            return cond, (self.get_learned_conditioning(negative or len(prompts) * [""]) if guided else None)
         height, width = (shape[1], shape[2]) if shape else (self.image_size, self.image_size)
         batch = conditioner_batch(prompts, height * self.latent_factor, width * self.latent_factor)
         if not guided:
             return self.get_learned_conditioning(batch), None
         cond, uncond = self.conditioner.get_unconditional_conditioning(
-            batch, {**batch, "txt": len(prompts) * [""]}, force_uc_zero_embeddings=["txt"],
-            embedding_manager=self.embedding_manager)
+            batch, {**batch, "txt": negative or len(prompts) * [""]},
+            force_uc_zero_embeddings=[] if negative else ["txt"], embedding_manager=self.embedding_manager)
         return to_model_conditioning(cond), to_model_conditioning(uncond)
 
     @torch.no_grad()
     def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=50, ddim_eta=1., return_keys=None,
-                   unconditional_guidance_scale=5.0, sampler="ddim", **kwargs):
+                   unconditional_guidance_scale=5.0, sampler="ddim", negative_prompt="", validation_prompts=None,
+                   **kwargs):
         """Inputs, reconstructions, the captions as images, and samples: the batch's captions with and without
-        guidance, and the bare placeholder prompt ("a photo of *") with guidance. `sampler` names any sampler
-        of `ldm.models.diffusion.generate.SAMPLERS` (`ddim_steps` steps; `ddim_eta` applies to DDIM only)."""
+        guidance, and with guidance the bare placeholder prompt ("a photo of *") or, when given, each of
+        `validation_prompts` (`samples_validation_<i>`, `i` its place in the list). Guidance steers away from
+        `negative_prompt` (default: the empty prompt). `sampler` names any sampler of
+        `ldm.models.diffusion.generate.SAMPLERS` (`ddim_steps` steps; `ddim_eta` applies to DDIM only)."""
         from ldm.models.diffusion.generate import generate
         _, _, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
                                            force_c_encode=True, return_original_cond=True, bs=N)
@@ -659,14 +668,18 @@ class LatentDiffusion(TextualInversion, DDPM):
                                                  size=max(6, x.shape[-1] // 20)).to(x)
         if sample:
             prompts = (xc["txt"] if isinstance(xc, dict) else xc)[:N] if xc is not None else N * [""]
-            draw = lambda prompts, scale=1.: generate(self, prompts, sampler, ddim_steps, scale, ddim_eta)
+            draw = lambda prompts, scale=1.: generate(self, prompts, sampler, ddim_steps, scale, ddim_eta,
+                                                      negative_prompt=negative_prompt)
             with self.ema_scope("Plotting"):
                 log["samples"] = draw(prompts)
                 if unconditional_guidance_scale != 1. and conditional:
                     log["samples_scaled"] = draw(prompts, unconditional_guidance_scale)
-                    prompt = self.placeholder_prompt()
-                    if prompt is not None:
-                        log["samples_placeholder"] = draw(N * [prompt], unconditional_guidance_scale)
+                    if validation_prompts:
+                        for i, prompt in enumerate(validation_prompts):
+                            log[f"samples_validation_{i}"] = draw(N * [prompt], unconditional_guidance_scale)
+                    elif self.placeholder_prompt() is not None:
+                        log["samples_placeholder"] = draw(N * [self.placeholder_prompt()],
+                                                          unconditional_guidance_scale)
         return {k: log[k] for k in return_keys if k in log} if return_keys else log
 
 

@@ -100,16 +100,18 @@ def make_sampler(model, name="ddim"):
 
 
 @torch.no_grad()
-def generate(model, prompts, sampler="ddim", steps=50, scale=1.0, eta=0.0, generator=None, shape=None, x_T=None):
+def generate(model, prompts, sampler="ddim", steps=50, scale=1.0, eta=0.0, generator=None, shape=None, x_T=None,
+             negative_prompt=""):
     """Images of `prompts` ((n, 3, H, W) in [-1, 1], on the model's device) from a LatentDiffusion.
 
-    Classifier-free guidance against the empty prompt when scale != 1; `eta` is DDIM's (the other samplers
+    Classifier-free guidance when scale != 1, against `negative_prompt` (the empty prompt by default); `eta` is DDIM's (the other samplers
     have their own, fixed noise); `shape` (C, H, W) of the latents defaults to the model's. An unconditional
     model only counts the prompts. Run it under `model.ema_scope()` to sample the EMA weights.
     """
     conditional = model.model.conditioning_key is not None
     shape = shape or (model.channels, model.image_size, model.image_size)
-    cond, uncond = model.sampling_conditioning(prompts, scale != 1.0, shape) if conditional else (None, None)
+    cond, uncond = (model.sampling_conditioning(prompts, scale != 1.0, shape, len(prompts) * [negative_prompt])
+                    if conditional else (None, None))
     kwargs = {"eta": eta} if sampler == "ddim" else {}
     latents, _ = make_sampler(model, sampler).sample(
         steps, len(prompts), shape, cond, verbose=False, unconditional_guidance_scale=scale,

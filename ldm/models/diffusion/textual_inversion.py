@@ -98,13 +98,14 @@ class TextualInversion:
             self.write_embeddings(ckpt_dir)
 
     def write_embeddings(self, ckpt_dir):
-        """embeddings.pt and embeddings_gs-<step>.pt in the official layout of the model's family; for several
-        text encoders (SDXL) with one concept also embeddings.safetensors ({"clip_l", "clip_g"}), the file
-        AUTOMATIC1111, kohya and diffusers read."""
+        """embeddings.pt and embeddings_gs-<step>.pt in the official layout of the model's family; with one
+        concept also embeddings.safetensors, the AUTOMATIC1111 layout that the webui, kohya and diffusers read
+        ({"emb_params"}; SDXL: {"clip_l", "clip_g"}). XTI runs write their official layout only."""
         manager = self.embedding_manager
         for name in ("embeddings.pt", f"embeddings_gs-{self.global_step}.pt"):
             manager.save(os.path.join(ckpt_dir, name), step=self.global_step)
-        if hasattr(manager, "managers") and len(next(iter(manager.managers.values())).string_to_param_dict) == 1:
+        first = next(iter(manager.managers.values())) if hasattr(manager, "managers") else manager
+        if len(first.string_to_param_dict) == 1 and not getattr(manager, "per_layer", False):
             manager.save(os.path.join(ckpt_dir, "embeddings.safetensors"), step=self.global_step,
                          fmt="a1111-safetensors")
 
