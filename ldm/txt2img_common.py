@@ -72,6 +72,9 @@ def build_parser(description, **defaults):
     p.add_argument("--placeholder_string", type=str, nargs="+",
                    help="use these placeholder strings for the loaded embeddings (one per embedding file)")
     p.add_argument("--device", type=str, default=default_device(), help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: its first steps compile, later ones run faster (pays off over "
+                        "many steps or images; see docs/benchmarks.md)")
     p.set_defaults(**defaults)
     return p
 
@@ -106,9 +109,13 @@ def load_model(opt):
     model = load_model_from_config(load_trusted_config(opt.config, opt.trust_config), opt.ckpt, device=opt.device,
                                    verbose=False)
     unet = model.model.diffusion_model
-    if autocast_dtype(opt) is not None and hasattr(unet, "convert_torso"):
-        # stored in the autocast dtype, the frozen UNet is not re-cast weight by weight at every sampling step
-        unet.convert_torso(autocast_dtype(opt))
+    dtype = autocast_dtype(opt)
+    if dtype is not None and hasattr(unet, "convert_torso"):
+        # stored in the autocast dtype, the frozen UNet is not re-cast weight by weight at every sampling step;
+        # in bf16 (float32's range) its norms too, as diffusers runs it; fp16 keeps float32 norms for stability
+        unet.convert_torso(dtype, norms=dtype == torch.bfloat16)
+    if opt.compile:
+        model.compile_unet()
     if opt.embedding_path:
         try:
             load_embeddings(model, opt.embedding_path, opt.placeholder_string, opt.config)

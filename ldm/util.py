@@ -4,6 +4,7 @@ import importlib
 import inspect
 import os
 import stat
+from contextlib import contextmanager
 from inspect import isfunction
 
 import numpy as np
@@ -118,6 +119,35 @@ def instantiate_from_config(config, **kwargs):
     params = config.get("params", dict()) or {}
     check_parameters(target, list(params) + list(kwargs), config["target"])
     return target(**params, **kwargs)
+
+
+_REGISTER_PARAMETER = torch.nn.Module.register_parameter
+
+
+def _register_on_meta(module, name, param):
+    if param is not None and not param.is_meta:
+        param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _REGISTER_PARAMETER(module, name, param)
+
+
+@contextmanager
+def parameters_on_meta(enabled=True):
+    """Build modules whose parameters are placeholders on the meta device: nothing is allocated or randomly
+    initialised, for weights a checkpoint then fills by assignment. Buffers stay real (the noise schedule,
+    position ids): they are small, and a weights file need not hold them. `enabled=False` suspends it (to assign
+    a file's tensors inside a constructor that runs under it)."""
+    previous = torch.nn.Module.register_parameter
+    torch.nn.Module.register_parameter = _register_on_meta if enabled else _REGISTER_PARAMETER
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = previous
+
+
+def meta_tensor_names(module):
+    """Names of `module`'s parameters and buffers that are still placeholders on the meta device."""
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    return [name for name, tensor in tensors if tensor.is_meta]
 
 
 def exists(x):

@@ -23,7 +23,7 @@ from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_sch
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.base import TextEncoder
 from ldm.modules.ema import LitEma
-from ldm.util import count_params, default, exists, freeze, instantiate_from_config, log_txt_as_img
+from ldm.util import count_params, default, exists, freeze, instantiate_from_config, log_txt_as_img, parameters_on_meta
 
 V_PREDICTION = Prediction("v")
 
@@ -359,10 +359,10 @@ class LatentDiffusion(TextualInversion, DDPM):
     def __init__(self, first_stage_config, cond_stage_config=None, num_timesteps_cond=None, cond_stage_key="image",
                  cond_stage_trainable=False, concat_mode=True, cond_stage_forward=None, conditioning_key=None,
                  scale_factor=1.0, scale_by_std=False, cache_first_stage_latents=True, conditioner_config=None,
-                 *args, **kwargs):
+                 compile_unet=False, *args, **kwargs):
         """`conditioner_config` (SDXL, Stability's name): a GeneralConditioner in place of `cond_stage_config`,
         kept as `self.conditioner` (the official `conditioner.embedders.N.*` keys), with `conditioning_key:
-        crossattn-adm`."""
+        crossattn-adm`. `compile_unet`: see `compile_unet()`."""
         if (cond_stage_config is None) == (conditioner_config is None):
             raise ValueError("LatentDiffusion needs exactly one of cond_stage_config and conditioner_config (SDXL).")
         if conditioner_config is not None and conditioning_key != "crossattn-adm":
@@ -380,19 +380,22 @@ class LatentDiffusion(TextualInversion, DDPM):
             conditioning_key = None
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
-        super().__init__(conditioning_key=conditioning_key, *args, **kwargs)
-        self.cond_stage_trainable = cond_stage_trainable
-        self.cond_stage_key = cond_stage_key
-        if scale_by_std:
-            self.register_buffer("scale_factor", torch.tensor(scale_factor))
-        else:
-            self.scale_factor = scale_factor
-        self.instantiate_first_stage(first_stage_config)
-        self.conditioner = None
-        if conditioner_config is not None:
-            self.conditioner = instantiate_from_config(conditioner_config)
-        else:
-            self.instantiate_cond_stage(cond_stage_config)
+        # The weights a checkpoint fills are built empty and take the file's tensors: never randomly initialised
+        # first, never held twice. Keys left out of the file (ignore_keys) keep a random start instead.
+        with parameters_on_meta() if ckpt_path is not None and not ignore_keys else nullcontext():
+            super().__init__(conditioning_key=conditioning_key, *args, **kwargs)
+            self.cond_stage_trainable = cond_stage_trainable
+            self.cond_stage_key = cond_stage_key
+            if scale_by_std:
+                self.register_buffer("scale_factor", torch.tensor(scale_factor))
+            else:
+                self.scale_factor = scale_factor
+            self.instantiate_first_stage(first_stage_config)
+            self.conditioner = None
+            if conditioner_config is not None:
+                self.conditioner = instantiate_from_config(conditioner_config)
+            else:
+                self.instantiate_cond_stage(cond_stage_config)
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.cache_first_stage_latents = cache_first_stage_latents
@@ -405,6 +408,8 @@ class LatentDiffusion(TextualInversion, DDPM):
 
         if self.personalization_config is not None:
             self.setup_textual_inversion()
+        if compile_unet:
+            self.compile_unet()
 
     # ---------------------------------------------------------------- components
     def instantiate_first_stage(self, config):
@@ -420,6 +425,11 @@ class LatentDiffusion(TextualInversion, DDPM):
         else:
             model = instantiate_from_config(config)
             self.cond_stage_model = model if self.cond_stage_trainable else freeze(model)
+
+    def compile_unet(self):
+        """torch.compile the UNet in place (its state dict keys stay as they are): the first calls at each new
+        input shape compile (tens of seconds on a CPU), later calls run the compiled code (docs/benchmarks.md)."""
+        self.model.diffusion_model.compile()
 
     def text_encoders_module(self):
         """The module holding the text encoder(s): what textual inversion freezes and hands to its manager."""

@@ -28,6 +28,10 @@ def compute_layers(module):
     return [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
 
 
+def norm_layers(module):
+    return [m for m in module.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
+
+
 class TimestepBlock(nn.Module):
     """A module whose forward also takes the timestep embedding."""
 
@@ -386,14 +390,17 @@ class UNetModel(nn.Module):
     def _torso(self):
         return self.input_blocks, self.middle_block, self.output_blocks
 
-    def convert_torso(self, dtype):
+    def convert_torso(self, dtype, norms=False):
         """Store the torso's convs and linears in `dtype` and run the torso in it (norms stay float32).
 
         For a frozen UNet under bf16/fp16 autocast this removes the cast of every weight on every call (autocast
-        caches casts only for weights that require grad) and halves the weights' memory.
+        caches casts only for weights that require grad) and halves the weights' memory. `norms` (bf16 sampling):
+        the group and layer norms too, so that no activation is cast to float32 and back around each norm; the
+        torso then computes what diffusers' UNet cast to bf16 computes (the norms' statistics are still
+        accumulated in float32 by PyTorch's kernels).
         """
         for part in self._torso():
-            for layer in compute_layers(part):
+            for layer in compute_layers(part) + (norm_layers(part) if norms else []):
                 layer.to(dtype)
         self.dtype = dtype
 
