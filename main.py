@@ -27,29 +27,20 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from ldm.callbacks import (ImageLogger, InterruptCheckpoint, RunInterrupted, SetupCallback,  # noqa: F401 (YAML targets)
                            ThreadShare)
-from ldm.checkpoint import CheckpointError, SafeCheckpointIO, check_weights, load_checkpoint, remove_stray_temporaries
+from ldm.checkpoint import CheckpointError, SafeCheckpointIO, check_weights
 from ldm.cli_checks import user_error_message
+from ldm.config_trust import check_config_targets, load_yaml
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401 (YAML targets)
+from ldm.run import DEFAULT_SEED, UsageError, choose_resume_checkpoint, choose_seed, claim_run_dir, resolve_run_dir
 from ldm.train_options import OptionError, add_arguments, apply_training_options, describe_learning_rate, \
     describe_outputs
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, check_parameters, instantiate_from_config
 
 if __name__ == "__main__":
     # configs name `main.DataModuleFromConfig`: let that find this module instead of importing main.py twice
     sys.modules.setdefault("main", sys.modules[__name__])
 
-DEFAULT_SEED = 23
 LOGGERS = ("csv", "tensorboard", "wandb")
-# A new run claims its folder (os.mkdir, exclusive); DDP workers that Lightning starts inherit the claimed name.
-RUN_DIR_ENV = "TEXTUAL_INVERSION_RUN_DIR"
-# `target:`s a run's configs may name on -r without --trust_config: this project's modules and these.
-TRUSTED_TARGET_PREFIXES = ("ldm.", "main.")
-TRUSTED_TARGETS = {
-    "torch.nn.Identity",
-    "pytorch_lightning.callbacks.ModelCheckpoint", "pytorch_lightning.callbacks.LearningRateMonitor",
-    "pytorch_lightning.loggers.CSVLogger", "pytorch_lightning.loggers.TensorBoardLogger",
-    "pytorch_lightning.loggers.WandbLogger",
-}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # Trainer options exposed as flags: name -> argparse type. Unset flags leave `lightning.trainer` alone.
@@ -67,10 +58,6 @@ TRAINER_FLAGS = {
     "check_val_every_n_epoch": (int, "validate every N epochs"),
     "limit_val_batches": (str, "validation batches per check: a count, or a fraction such as 0.5"),
 }
-
-
-class UsageError(Exception):
-    """A problem with the command line or its files, reported without a traceback."""
 
 
 def str2bool(v):
@@ -121,129 +108,9 @@ def get_parser(**parser_kwargs):
     return add_arguments(parser)
 
 
-# ----------------------------------------------------------------------------------------------- run directory
-def resolve_run_dir(opt, now):
-    """-> (logdir, nowname, ckpt to resume or None); on resume, prepends the run's saved configs to opt.base.
-
-    A new run's folder is only named here; `claim_run_dir` creates it once the inputs have been checked.
-    """
-    if opt.name and opt.resume:
-        raise UsageError("-n/--name and -r/--resume cannot be specified both. To start a new log folder from "
-                         "the weights of a checkpoint, use -n/--name with --actual_resume.")
-    if opt.resume:
-        if not os.path.exists(opt.resume):
-            raise UsageError(f"Cannot find {opt.resume} to resume: give a log directory or a checkpoint in it.")
-        if os.path.isfile(opt.resume):
-            ckpt = opt.resume
-            logdir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
-        else:
-            logdir = opt.resume.rstrip("/\\")
-            ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
-        configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
-        if not configs:
-            raise UsageError(f"{logdir} has no configs/*.yaml: -r takes a log directory written by main.py "
-                             "(a run folder under logs/) or a checkpoint inside its checkpoints/ folder.")
-        opt.base = configs + list(opt.base)
-        return logdir, os.path.basename(logdir), ckpt
-    if opt.name:
-        name = "_" + opt.name
-    elif opt.base:
-        name = "_" + os.path.splitext(os.path.basename(opt.base[0]))[0]
-    else:
-        name = ""
-    if opt.datadir_in_name and opt.data_root:
-        now = os.path.basename(os.path.normpath(opt.data_root)) + now
-    nowname = now + name + opt.postfix
-    return os.path.join(opt.logdir, nowname), nowname, None
-
-
-def claim_run_dir(logdir):
-    """Create a new run's folder exclusively; when another run took the name, take `<name>_1`, `<name>_2`, ..."""
-    inherited = os.environ.get(RUN_DIR_ENV)
-    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
-        return inherited  # a DDP worker: the launching process claimed the folder
-    os.makedirs(os.path.dirname(logdir) or ".", exist_ok=True)
-    candidate, n = logdir, 0
-    while True:
-        try:
-            os.mkdir(candidate)
-            break
-        except FileExistsError:
-            n += 1
-            candidate = f"{logdir}_{n}"
-    if candidate != logdir:
-        print(f"{logdir} is taken by another run: logging to {candidate}")
-    os.environ[RUN_DIR_ENV] = candidate
-    return candidate
-
-
-def choose_resume_checkpoint(logdir, requested, explicit):
-    """-> (path, loaded checkpoint). A damaged last.ckpt falls back to the newest checkpoint that loads."""
-    ckptdir = os.path.join(logdir, "checkpoints")
-    folders = [ckptdir, os.path.join(logdir, "configs")] + glob.glob(os.path.join(logdir, "images", "*"))
-    removed = [name for folder in folders for name in remove_stray_temporaries(folder)]
-    if removed:
-        print(f"Removed {len(removed)} unfinished temporary files a stopped run left in {logdir}.")
-    candidates = [requested]
-    if not explicit:
-        others = [p for p in glob.glob(os.path.join(ckptdir, "**", "*.ckpt"), recursive=True)
-                  if os.path.abspath(p) != os.path.abspath(requested)]
-        candidates += sorted(others, key=os.path.getmtime, reverse=True)
-    problems = []
-    for path in candidates:
-        if not os.path.exists(path):
-            problems.append(f"{path}: missing")
-            continue
-        try:
-            ckpt = load_checkpoint(path)
-        except (CheckpointError, OSError) as err:
-            problems.append(str(err))
-            continue
-        if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
-            problems.append(f"{path}: not a Lightning training checkpoint")
-            continue
-        if problems:
-            print(f"WARNING: {problems[0]}\nResuming from {path} (step {ckpt['global_step']}) instead.")
-        return path, ckpt
-    if explicit:
-        raise UsageError(problems[0])
-    raise UsageError(f"No checkpoint to resume in {ckptdir}: " + "; ".join(problems)
-                     + ". Start a new run (without -r), or pass a checkpoint with -r FILE.")
-
-
-def check_config_targets(config_paths, trust):
-    """Configs are code: refuse a run's configs that would import anything outside this project."""
-    def targets(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("target"), str):
-                yield node["target"]
-            for value in node.values():
-                yield from targets(value)
-        elif isinstance(node, list):
-            for value in node:
-                yield from targets(value)
-
-    foreign = []
-    for path in config_paths:
-        for target in targets(OmegaConf.to_container(_load_yaml(path))):
-            if not target.startswith(TRUSTED_TARGET_PREFIXES) and target not in TRUSTED_TARGETS:
-                foreign.append(f"{target} ({path})")
-    if foreign and not trust:
-        raise UsageError("The run's configs would import code from outside this project: " + ", ".join(foreign)
-                         + ". Configs are code: check these files, and if you trust them re-run with --trust_config.")
-    for item in foreign:
-        print(f"Trusting config target {item} (--trust_config)")
 
 
 # ----------------------------------------------------------------------------------------------------- configs
-def _load_yaml(path):
-    try:
-        return OmegaConf.load(path)
-    except Exception as err:  # yaml's ScannerError/ParserError, a config that is not a mapping, unreadable
-        detail = " ".join(str(err).split())[:200]
-        raise UsageError(f"Config {path} could not be read ({type(err).__name__}: {detail}): fix the YAML.") from None
-
-
 def load_config(opt, unknown):
     """Merge the base configs and the dotlist overrides; -> (config without `lightning` and `run`, lightning
     config, run config: what main.py itself records about the run, e.g. its seed)."""
@@ -258,24 +125,12 @@ def load_config(opt, unknown):
         overrides = OmegaConf.from_dotlist(unknown)
     except Exception as err:
         raise UsageError(f"Could not parse the overrides {unknown}: {err}") from None
-    config = OmegaConf.merge(*[_load_yaml(p) for p in opt.base], overrides)
+    config = OmegaConf.merge(*[load_yaml(p) for p in opt.base], overrides)
     lightning_config = config.pop("lightning", OmegaConf.create())
     run_config = config.pop("run", OmegaConf.create())
     if "model" not in config:
         raise UsageError(f"No `model:` in the configs {opt.base}: give a training config with -b/--base.")
     return config, lightning_config, run_config
-
-
-def choose_seed(opt, run_config):
-    """A resumed run keeps the seed it was started with (a different -s is allowed, with a warning)."""
-    stored = run_config.get("seed")
-    if stored is None:
-        return DEFAULT_SEED if opt.seed is None else opt.seed
-    if opt.seed is not None and opt.seed != stored:
-        warnings.warn(f"-s {opt.seed} differs from the seed the run was started with ({stored}): the resumed run "
-                      "will not match an uninterrupted one.")
-        return opt.seed
-    return stored
 
 
 def _has_images(folder):
@@ -407,6 +262,7 @@ def trainer_options(opt, lightning_config):
         options["limit_val_batches"] = float(v) if "." in v else int(v)
     if options.get("precision") is not None and str(options["precision"]).isdigit():
         options["precision"] = int(options["precision"])
+    check_parameters(pl.Trainer, options, "lightning.trainer")
     lightning_config.trainer = options
     return dict(options)
 
@@ -530,8 +386,6 @@ def _steps_left(ckpt, options, path):
 def main(argv=None):
     """Parse `argv` (default: sys.argv[1:]), train and/or test; returns the trainer."""
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    # `target: main.X` in configs imports this file as `main`, from wherever it is run
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     opt, unknown = get_parser().parse_known_args(argv)
     logdir, nowname, resume_ckpt = resolve_run_dir(opt, now)
     if opt.resume:

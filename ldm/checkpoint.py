@@ -26,7 +26,8 @@ import torch
 from lightning_fabric.plugins import CheckpointIO
 from omegaconf import OmegaConf
 
-from ldm.util import instantiate_from_config
+from ldm.util import (accepted_parameters, get_obj_from_str, instantiate_from_config, meta_tensor_names,
+                      parameters_on_meta)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TMP_PREFIX = ".tmp-"
@@ -257,10 +258,12 @@ def _refuse(path, what):
         "and embeddings_gs-*.pt hold plain tensors); otherwise ask its author for a .safetensors version.")
 
 
-def load_checkpoint(path, map_location="cpu", extra_stand_ins=()):
+def load_checkpoint(path, map_location="cpu", extra_stand_ins=(), mmap=False):
     """Load a checkpoint file as plain Python data (dict of tensors / containers) without executing its code.
 
     `extra_stand_ins` names further pickled classes to accept as inert `PickledObject` stand-ins.
+    `mmap`: a torch zip checkpoint's tensors are mapped from the file instead of read into memory (a tensor
+    costs memory only once touched, and none if a model takes it as it is).
     Always `weights_only=True`, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
     """
     path = _check_file(path)
@@ -280,7 +283,8 @@ def load_checkpoint(path, map_location="cpu", extra_stand_ins=()):
     allowed = _allow_list(extra_stand_ins)
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(source, map_location=map_location, weights_only=True)
+            return torch.load(source, map_location=map_location, weights_only=True,
+                              mmap=mmap and source is path and pkl is not None)
     except pickle.UnpicklingError as err:
         if pkl is None:
             with open(path, "rb") as f:
@@ -348,9 +352,9 @@ def describe_checkpoint(data):
     return f"a state dict of {len(keys)} tensors under {', '.join(prefixes[:5])}"
 
 
-def load_state_dict(path, map_location="cpu"):
+def load_state_dict(path, map_location="cpu", mmap=False):
     """A flat {name: tensor} state dict from a checkpoint, unwrapping the Lightning {"state_dict": ...} layer."""
-    return _state_dict(load_checkpoint(path, map_location=map_location), path)
+    return _state_dict(load_checkpoint(path, map_location=map_location, mmap=mmap), path)
 
 
 def _state_dict(ckpt, path):
@@ -403,17 +407,21 @@ def load_weights(module, path, ignore_keys=(), optional=(), verbose=True):
     module keys starting with any of `optional` may be absent (named in the report).
     Returns (absent optional keys, unexpected keys).
     """
-    raw = load_checkpoint(path)
+    raw = load_checkpoint(path, mmap=True)
     if isinstance(raw, dict) and ("string_to_param" in raw or "emb_params" in raw):
         raise CheckpointError(f"{path} is {describe_checkpoint(raw)}, not model weights: give it with "
                               "--embedding_path (sampling) or --embedding_manager_ckpt (training).")
     sd = _state_dict(raw, path)
+    del raw
     ignored = [k for k in sd if k.startswith(tuple(ignore_keys))]
     for k in ignored:
         del sd[k]
     optional = tuple(optional) + tuple(ignore_keys)  # the module keeps its own values for ignored keys
     absent, unexpected = check_weights(module, sd, path, optional)
-    module.load_state_dict(sd, strict=False)
+    if meta_tensor_names(module):
+        _assign_weights(module, sd, path)
+    else:
+        module.load_state_dict(sd, strict=False)
     if verbose:
         print(f"Restored {type(module).__name__} from {path}: all {len(sd) - len(unexpected)} weights it needs"
               + (f"; not in the file, as expected: {len(absent)} under {', '.join(optional)}" if absent else "")
@@ -422,15 +430,75 @@ def load_weights(module, path, ignore_keys=(), optional=(), verbose=True):
     return absent, unexpected
 
 
+def _assign_weights(module, sd, path):
+    """Fill a module built with `parameters_on_meta` by taking the file's tensors as its own: a tensor already
+    in the module's dtype is not copied at all; one in another dtype (fp16 files) is cast once, and its file
+    copy is let go before the next, so memory never holds the weights twice."""
+    expected = module.state_dict()
+    casts = {k: expected[k].dtype for k in sd if k in expected and sd[k].dtype != expected[k].dtype}
+    del expected
+    if casts:
+        _cast_from_file(path, sd, casts)
+    with parameters_on_meta(enabled=False):  # the file's tensors, even inside a constructor building on meta
+        module.load_state_dict(sd, strict=False, assign=True)
+    left = meta_tensor_names(module)
+    if left:
+        raise CheckpointError(f"{path} leaves {len(left)} weights of {type(module).__name__} unset ({_first(left)}), "
+                              "and the model was built to take them from the file. Give the weights of the "
+                              "model the config describes.")
+
+
+def _cast_from_file(path, sd, dtypes):
+    """Replace `sd[k]` by the file's tensor cast to `dtypes[k]`, one tensor at a time, each read into memory of its
+    own and freed once cast. (Cast from a mapping of the whole file, the file's pages would stay resident until
+    the last tensor is done: the weights held twice after all.)"""
+    if os.fspath(path).endswith(".safetensors"):
+        with safetensors.safe_open(path, framework="pt", backend="pread") as f:
+            for k, dtype in dtypes.items():
+                sd[k] = f.get_tensor(k).to(dtype)
+        return
+    if not zipfile.is_zipfile(path):  # a legacy pickle, read into memory already: cast it where it is
+        for k, dtype in dtypes.items():
+            sd[k] = sd[k].to(dtype)
+        return
+    unmapped = load_state_dict(path)
+    for k, dtype in dtypes.items():
+        sd[k] = unmapped.pop(k).to(dtype)
+
+
 def load_model_from_config(config, ckpt=None, device="cpu", verbose=True):
-    """Build `config.model` and fill it from `ckpt` (the learned embeddings come from their own file)."""
+    """Build `config.model` and fill it from `ckpt` (the learned embeddings come from their own file).
+
+    No weight the file holds is initialised at random first or held twice: a diffusion model takes `ckpt` as its
+    `ckpt_path` (its constructor builds the weights empty, fills them, then builds the embedding manager from the
+    loaded text encoder); any other module is built empty here and filled the same way.
+    """
     if isinstance(config, (str, os.PathLike)):
         config = OmegaConf.load(config)
-    model = instantiate_from_config(config.model)
-    if ckpt is not None:
-        optional = ("embedding_manager.",) + tuple(getattr(model, "optional_weight_keys", tuple)())
+    if ckpt is None:
+        return instantiate_from_config(config.model).to(device).eval()
+    target = get_obj_from_str(config.model.target)
+    if hasattr(target, "init_from_ckpt") and "ckpt_path" in (accepted_parameters(target) or ()):
+        model = instantiate_from_config(OmegaConf.merge(config.model, {"params": {"ckpt_path": os.fspath(ckpt)}}))
+        _load_manager_weights(model, ckpt)
+    else:
+        with parameters_on_meta():
+            model = instantiate_from_config(config.model)
+        optional = tuple(getattr(model, "optional_weight_keys", tuple)())
         load_weights(model, ckpt, optional=optional, verbose=verbose)
     return model.to(device).eval()
+
+
+def _load_manager_weights(model, path, prefix="embedding_manager."):
+    """Vectors the file holds for the embedding manager (a run trained with unfreeze_model saves the whole model)
+    replace those it was built with; a base model's file holds none."""
+    manager = getattr(model, "embedding_manager", None)
+    if manager is None:
+        return
+    sd = {k[len(prefix):]: v for k, v in load_state_dict(path, mmap=True).items() if k.startswith(prefix)}
+    if sd:
+        check_weights(manager, sd, path, optional=("",))
+        manager.load_state_dict(sd, strict=False)
 
 
 # ------------------------------------------------------------------------------------------------- writing

@@ -6,7 +6,8 @@ import sys
 import warnings
 
 from ldm.checkpoint import CheckpointError
-from ldm.util import ConfigError
+from ldm.modules.embedding_io import load_embedding_file
+from ldm.util import ConfigError, InputFileError
 
 MAX_DDIM_STEPS = 1000  # the models' number of diffusion timesteps: DDIM cannot take more steps than that
 
@@ -66,7 +67,6 @@ def placeholder_notes(opt):
         return []
     names = list(getattr(opt, "placeholder_string", None) or [])
     if not names:
-        from ldm.modules.embedding_io import load_embedding_file
         for path in paths:
             try:
                 names += list(load_embedding_file(path).vectors)
@@ -106,8 +106,10 @@ def checked_parser(parser):
 
 def user_error_message(err):
     """A one-line message for an error the user can fix, or None for a bug (which keeps its traceback)."""
-    if isinstance(err, (CheckpointError, ConfigError)):
+    if isinstance(err, (CheckpointError, ConfigError, InputFileError)):
         return str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOTDIR:
+        return f"cannot create the folder {err.filename}: part of that path is a file, not a folder"
     if isinstance(err, OSError) and err.errno in DISK_ERRORS:
         where = err.filename or "the output folder"
         return (f"cannot write {where}: {DISK_ERRORS[err.errno]}. Files already written are intact; free space "

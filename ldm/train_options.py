@@ -10,7 +10,7 @@ what it was given (and `-r` continues with it).
 | --validation_prompt P (repeatable), --validation_prompts_file F | ...log_images_kwargs.validation_prompts |
 | --validation_steps N | lightning.callbacks.image_logger.params.batch_frequency (and its log_images_kwargs) |
 | --negative_prompt P | ...log_images_kwargs.negative_prompt |
-| --learnable_property, --templates F, --caption_extension E, --crop C | data.params.{train,validation}.params.* |
+| --learnable_property, --templates F, --caption_extension E, --crop C, --background B | data.params.{train,validation}.params.* |
 """
 import os
 
@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from ldm.lr_scheduler import PEER_SCHEDULES, LambdaPeerScheduler, parse_step_rates
 from ldm.txt2img_common import read_prompts
+from ldm.data.image_ops import background_colour
 from ldm.data.personalized import CROP_MODES, LEARNABLE_PROPERTIES, read_templates
 
 IMAGE_LOGGER = "callbacks.image_logger.params"
@@ -60,6 +61,9 @@ def add_arguments(parser):
                        help="non-square images: center (crop the middle square), random (a square at one of 8 "
                             "places along the long side, drawn per example) or none (resize to a square, "
                             "distorting; a warning names images stretched by more than 25%%)")
+    group.add_argument("--background", type=str, default=None,
+                       help="colour that transparent pixels of the training images are composited onto: a name, "
+                            "#rrggbb or 'r,g,b' (default white)")
     return parser
 
 
@@ -129,7 +133,16 @@ def data_options(opt, config):
             templates = read_templates(opt.templates)
         except (OSError, ValueError) as err:
             raise OptionError(f"--templates: {err}") from None
+    background = None
+    if opt.background is not None:
+        text = opt.background.strip()
+        try:
+            background = list(background_colour(text.split(",") if "," in text else text))
+        except ValueError as err:
+            raise OptionError(f"--{err}") from None
     for split in _data_splits(config):
+        if background is not None:
+            split.background = background
         if opt.learnable_property is not None:
             split.learnable_property = opt.learnable_property
         if templates is not None:

@@ -11,14 +11,16 @@ from contextlib import nullcontext
 from itertools import islice
 
 import torch
-from omegaconf import OmegaConf
 from pytorch_lightning import seed_everything
 from tqdm import tqdm, trange
 
 from ldm.checkpoint import load_model_from_config
-from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
+from ldm.config_trust import load_trusted_config
 from ldm.models.diffusion.generate import SAMPLERS, generate
-from ldm.util import make_grid, to_pil
+from ldm.models.diffusion.textual_inversion import EmbeddingLoadError, load_embeddings
+from ldm.util import InputFileError, make_grid, read_text_file, to_pil
+
+MAX_PROMPT_FILE_BYTES = 16 * 2**20  # far more prompts than anyone samples; bounds what a wrong path can cost
 
 
 def default_device():
@@ -58,6 +60,8 @@ def build_parser(description, **defaults):
     p.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
     p.add_argument("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml",
                    help="path to the config which constructs the model")
+    p.add_argument("--trust_config", action="store_true",
+                   help="allow --config to name targets outside this project's modules (configs are code)")
     p.add_argument("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
                    help="path to the model checkpoint (.ckpt, .pt or .safetensors)")
     p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
@@ -68,6 +72,9 @@ def build_parser(description, **defaults):
     p.add_argument("--placeholder_string", type=str, nargs="+",
                    help="use these placeholder strings for the loaded embeddings (one per embedding file)")
     p.add_argument("--device", type=str, default=default_device(), help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: its first steps compile, later ones run faster (pays off over "
+                        "many steps or images; see docs/benchmarks.md)")
     p.set_defaults(**defaults)
     return p
 
@@ -83,8 +90,8 @@ def check_inputs(opt):
         if not os.path.isfile(path):
             raise SystemExit(f"Embedding file not found: {path}. Pass --embedding_path with the embeddings.pt "
                              "written by main.py (in the run's checkpoints folder) or another embedding file.")
-    if opt.from_file and not os.path.isfile(opt.from_file):
-        raise SystemExit(f"Prompt file not found: {opt.from_file}.")
+    if os.path.exists(opt.outdir) and not os.path.isdir(opt.outdir):
+        raise SystemExit(f"--outdir {opt.outdir} is a file, not a folder: give a folder for the samples.")
     device_type = torch.device(opt.device).type
     if (device_type == "cuda" and not torch.cuda.is_available()) or (
             device_type == "mps" and not torch.backends.mps.is_available()):
@@ -99,11 +106,16 @@ def check_inputs(opt):
 
 
 def load_model(opt):
-    model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device=opt.device, verbose=False)
+    model = load_model_from_config(load_trusted_config(opt.config, opt.trust_config), opt.ckpt, device=opt.device,
+                                   verbose=False)
     unet = model.model.diffusion_model
-    if autocast_dtype(opt) is not None and hasattr(unet, "convert_torso"):
-        # stored in the autocast dtype, the frozen UNet is not re-cast weight by weight at every sampling step
-        unet.convert_torso(autocast_dtype(opt))
+    dtype = autocast_dtype(opt)
+    if dtype is not None and hasattr(unet, "convert_torso"):
+        # stored in the autocast dtype, the frozen UNet is not re-cast weight by weight at every sampling step;
+        # in bf16 (float32's range) its norms too, as diffusers runs it; fp16 keeps float32 norms for stability
+        unet.convert_torso(dtype, norms=dtype == torch.bfloat16)
+    if opt.compile:
+        model.compile_unet()
     if opt.embedding_path:
         try:
             load_embeddings(model, opt.embedding_path, opt.placeholder_string, opt.config)
@@ -113,9 +125,12 @@ def load_model(opt):
 
 
 def read_prompts(path):
-    """The non-blank lines of a prompt file."""
-    with open(path, encoding="utf-8") as f:
-        return [line for line in f.read().splitlines() if line.strip()]
+    """The non-blank lines of a UTF-8 prompt file; InputFileError naming the file when it is not one."""
+    text = read_text_file(path, "prompt file", MAX_PROMPT_FILE_BYTES)
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputFileError(f"prompt file {path} holds no prompt: write one prompt per line")
+    return prompts
 
 
 def prompt_batches(opt):
@@ -140,13 +155,28 @@ def prompt_to_filename(prompt, default):
 
 def warn_lost_placeholders(model, prompts):
     """Warn when a prompt writes a concept that its tokenization hides (e.g. '*,' is one CLIP token)."""
-    manager = getattr(model, "embedding_manager", None)
-    if not hasattr(manager, "names_lost_in"):
+    manager = getattr(model, "embedding_manager", None)  # None: the config has no personalization_config
+    if manager is None:
         return
     for prompt in sorted(prompts):
         for name in manager.names_lost_in(prompt):
             warnings.warn(f"In the prompt {prompt!r}, {name!r} merges with the characters next to it into another "
                           f"token, so the learned concept is not used there: put spaces around {name!r}.")
+
+
+def warn_cut_prompts(model, prompts):
+    """One line for each prompt longer than the text encoder reads, saying how many tokens are cut (the
+    tokenizer truncates silently; its own warning about indexing errors does not apply to us)."""
+    manager = getattr(model, "embedding_manager", None)
+    managers = list(manager.managers.values()) if hasattr(manager, "managers") else [manager]
+    for prompt in sorted(prompts):
+        for one in managers:
+            positions = one.prompt_positions(prompt) if hasattr(one, "prompt_positions") else 0
+            if positions > one.max_length:
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                warnings.warn(f"The prompt {shown!r} is {positions - 2} tokens long; the text encoder reads "
+                              f"{one.max_length - 2}, so the last {positions - one.max_length} are cut.")
+                break
 
 
 def autocast_dtype(opt):
@@ -165,6 +195,7 @@ def main(parser, argv=None):
     """Parse `argv` with `parser`, sample, write outdir/samples/NNNNN.png and a grid; returns the paths written."""
     opt = parser.parse_args(argv)
     check_inputs(opt)
+    batches = prompt_batches(opt)  # a bad prompt file is reported before the model loads
     seed_everything(opt.seed, verbose=False)
     model = load_model(opt)
     # A CPU generator: the same seed gives the same images on CPU, CUDA and MPS.
@@ -178,8 +209,9 @@ def main(parser, argv=None):
     if opt.fixed_code:
         start_code = torch.randn([opt.n_samples, *shape], generator=generator).to(opt.device)
 
-    batches = prompt_batches(opt)
-    warn_lost_placeholders(model, {prompt for prompts in batches for prompt in prompts} | {opt.negative_prompt})
+    all_prompts = {prompt for prompts in batches for prompt in prompts} | {opt.negative_prompt}
+    warn_lost_placeholders(model, all_prompts)
+    warn_cut_prompts(model, all_prompts)
     written, all_samples = [], []
     tic = time.time()
     with torch.no_grad(), precision_scope(opt), model.ema_scope():

@@ -2,6 +2,9 @@
 import difflib
 import importlib
 import inspect
+import os
+import stat
+from contextlib import contextmanager
 from inspect import isfunction
 
 import numpy as np
@@ -11,6 +14,47 @@ from PIL import Image, ImageDraw, ImageFont
 
 class ConfigError(ValueError):
     """A config names a target that does not exist, or passes it a parameter it does not take."""
+
+
+class InputFileError(ValueError):
+    """An input file (image, prompt file) that is missing, not a regular file, or too large."""
+
+
+def open_input_file(path, what, max_bytes=None):
+    """`path` opened for binary reading, after checking it is a regular file of at most `max_bytes`.
+
+    Opened without blocking, so a FIFO (which would wait forever for a writer) or a device is refused instead
+    of hanging; `what` names the file in the one-line InputFileError ("prompt file", "image").
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise InputFileError(f"{what} {path} not found") from None
+    except OSError as err:
+        raise InputFileError(f"cannot read {what} {path}: {err.strerror}") from None
+    info = os.fstat(fd)
+    problem = None
+    if stat.S_ISDIR(info.st_mode):
+        problem = "is a folder, not a file"
+    elif not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file but a pipe, device or socket: give the path of a file"
+    elif max_bytes is not None and info.st_size > max_bytes:
+        problem = f"is {info.st_size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.0f} MiB a {what} may be"
+    if problem:
+        os.close(fd)
+        raise InputFileError(f"{what} {path} {problem}")
+    return os.fdopen(fd, "rb")
+
+
+def read_text_file(path, what, max_bytes):
+    """The UTF-8 text of the regular file `path` (open_input_file); InputFileError naming it otherwise."""
+    with open_input_file(path, what, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputFileError(f"{what} {path} is not UTF-8 text (byte {err.start} is {data[err.start]:#04x}): "
+                             "write it as UTF-8 text") from None
 
 
 def get_obj_from_str(string):
@@ -40,7 +84,7 @@ def accepted_parameters(target):
         names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         if not any(p.kind == p.VAR_KEYWORD for p in parameters):
             return names - {"self"}
-        if not getattr(function, "__module__", "").startswith(("ldm.", "main")):
+        if not getattr(function, "__module__", "").startswith(("ldm.", "main", "evaluation.")):
             return None
     return None
 
@@ -75,6 +119,35 @@ def instantiate_from_config(config, **kwargs):
     params = config.get("params", dict()) or {}
     check_parameters(target, list(params) + list(kwargs), config["target"])
     return target(**params, **kwargs)
+
+
+_REGISTER_PARAMETER = torch.nn.Module.register_parameter
+
+
+def _register_on_meta(module, name, param):
+    if param is not None and not param.is_meta:
+        param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _REGISTER_PARAMETER(module, name, param)
+
+
+@contextmanager
+def parameters_on_meta(enabled=True):
+    """Build modules whose parameters are placeholders on the meta device: nothing is allocated or randomly
+    initialised, for weights a checkpoint then fills by assignment. Buffers stay real (the noise schedule,
+    position ids): they are small, and a weights file need not hold them. `enabled=False` suspends it (to assign
+    a file's tensors inside a constructor that runs under it)."""
+    previous = torch.nn.Module.register_parameter
+    torch.nn.Module.register_parameter = _register_on_meta if enabled else _REGISTER_PARAMETER
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = previous
+
+
+def meta_tensor_names(module):
+    """Names of `module`'s parameters and buffers that are still placeholders on the meta device."""
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    return [name for name, tensor in tensors if tensor.is_meta]
 
 
 def exists(x):
@@ -138,3 +211,25 @@ def to_pil(image):
     """(c, h, w) tensor in [-1, 1] -> PIL RGB image."""
     arr = ((image.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
+
+
+def disabled_train(self, mode=True):
+    """Replaces `.train` on frozen modules so that Lightning cannot switch them back to training mode."""
+    return self
+
+
+def freeze(module):
+    """Freeze `module` for good: eval mode that `.train()` cannot undo, and no gradients. Returns it."""
+    module.eval()  # before train() is disabled: eval() calls it
+    module.train = disabled_train.__get__(module)
+    for p in module.parameters():
+        p.requires_grad = False
+    return module
+
+
+def model_dtype(model):
+    """The dtype the model computes in: that of its first floating-point parameter (float32 if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

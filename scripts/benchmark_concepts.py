@@ -154,7 +154,7 @@ def train(opt, concept, folder, data_root):
         cmd += ["--base", *opt.recipe, "-t", "--actual_resume", opt.ckpt, "--data_root", data_root,
                 "--init_word", concept.init_word, "-n", concept.name, "-l", logdir, "--seed", opt.seed,
                 "--datadir_in_name", "false",
-                f"{curve}.target=ldm.learning_curves.LearningCurve", f"{curve}.params.toy_target={concept.target}",
+                f"{curve}.target=evaluation.learning_curves.LearningCurve", f"{curve}.params.toy_target={concept.target}",
                 f"{curve}.params.every_n_steps={opt.curve_every}", f"{curve}.params.n_samples={opt.curve_samples}",
                 f"{curve}.params.ddim_steps={opt.curve_ddim_steps}", f"{curve}.params.scale={opt.scale}",
                 f"{curve}.params.toy_world={opt.world}", *opt.overrides]
@@ -260,7 +260,7 @@ def previous_result(opt, concept, outdir):
 
 def benchmark_concept(opt, model, concept, outdir):
     """Train, sample and score one concept."""
-    from ldm.modules.embedding_io import load_embeddings
+    from ldm.models.diffusion.textual_inversion import load_embeddings
     folder = outdir / concept.name
     result_path = folder / "result.json"
     settings = settings_of(opt)
@@ -349,7 +349,7 @@ def write_figures(results, outdir, n_samples=6, scale=2):
     """curves.png: every concept's joint rate vs step; grid.png: per concept, its images | init word | learned."""
     from PIL import Image, ImageDraw
     from ldm.data.personalized import list_images
-    from ldm.learning_curves import plot_curves
+    from evaluation.learning_curves import plot_curves
     from ldm.util import load_font
     curves = {r["concept"]: [(h["step"], h["joint"]) for h in r["curve"]] for r in results if r["curve"]}
     if curves:

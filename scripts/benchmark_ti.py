@@ -24,77 +24,34 @@ building the peer from our weights does not count against it), CUDA `max_memory_
 repeat (--repeats); ratios are of medians from the same run. > 1 means ours is faster; RSS ratios are ours/theirs.
 """
 import argparse
-import gc
 import json
 import math
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs from a checkout
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula,  # noqa: E402
                                       sdpa_backward_flop_count, sdpa_flop_count)
 
-from ldm.util import instantiate_from_config  # noqa: E402
+from benchmark_common import (DTYPES, ROOT, SD_CONFIG, SMOKE_CONFIG, build_model,  # noqa: E402,F401 (the tests')
+                              device_name, diffusers_modules, load_config, peak_memory_mib, process_peak_rss_mib,
+                              reset_peak_memory, synchronize)
 
-SD_CONFIG = os.path.join(ROOT, "configs/stable-diffusion/v1-finetune.yaml")
-SMOKE_CONFIG = os.path.join(ROOT, "configs/tiny/finetune-tiny.yaml")
-# diffusers' converter reads SD v1's head rule (a head count, not a head width)
-SMOKE_OVERRIDES = ["model.params.unet_config.params.num_heads=2", "model.params.unet_config.params.num_head_channels=-1"]
 LOOPS = ("ours", "diffusers")
 TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "a close-up photo of a {}")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (loop, precision, gradient checkpointing): the cases whose ratios the issue asks for
 CASES = (("ours", "fp32", "off"), ("diffusers", "fp32", "off"), ("ours", "bf16", "off"), ("diffusers", "bf16", "off"),
          ("ours", "fp32", "on"))
 
 
-# --- the peer: diffusers' and transformers' own modules on our weights ------------------------------------------
-
-def diffusers_modules(model, config):
-    """(unet, vae, text_encoder) of diffusers/transformers holding `model`'s weights, converted by diffusers.
-
-    Built on the meta device and loaded with assign=True: the peer shares our tensors instead of copying them, so
-    building it costs neither a second random initialisation nor a second copy of the weights.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as su
-    from transformers import CLIPTextModel
-
-    checkpoint = model.state_dict()
-    original = OmegaConf.to_container(config, resolve=True)
-    size = config.model.params.unet_config.params.image_size * 2 ** (
-        len(config.model.params.first_stage_config.params.ddconfig.ch_mult) - 1)
-    unet_config = su.create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=size)
-    vae_config = su.create_vae_diffusers_config_from_ldm(original, checkpoint, image_size=size)
-    clip = model.cond_stage_model.transformer
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
-        vae = AutoencoderKL(**vae_config)
-        text_encoder = CLIPTextModel(clip.config)
-    unet.load_state_dict(su.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True, assign=True)
-    vae.load_state_dict(su.convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True, assign=True)
-    clip_state = su.convert_ldm_clip_checkpoint(checkpoint)
-    if not hasattr(text_encoder, "text_model"):  # transformers 5.x flattened CLIPTextModel
-        clip_state = {k.removeprefix("text_model."): v for k, v in clip_state.items()}
-    clip_state = {k: v for k, v in clip_state.items() if not k.endswith("position_ids")}
-    text_encoder.load_state_dict(clip_state, strict=False, assign=True)
-    for name, buffer in text_encoder.named_buffers():  # non-persistent buffers are not in a state dict
-        if buffer.is_meta:
-            owner, attr = text_encoder.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-            setattr(owner, attr, dict(clip.named_buffers())[name].clone())
-    return unet, vae, text_encoder
-
+# --- the peer's step: diffusers' textual_inversion.py on its own modules ----------------------------------------
 
 def diffusers_step(model, config, precision, gradient_checkpointing, device):
     """The training step of diffusers' textual_inversion.py on its own modules (`step.embedding`: what it trains)."""
@@ -191,23 +148,6 @@ def register_cpu_attention_flops():
         return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def build_model(config, device, seed):
-    """Our model at random weights; the UNet's zero-initialised output convs get small random weights too, so that
-    the prediction (and the gradient reaching the embedding) is not identically zero."""
-    torch.manual_seed(seed)
-    model = instantiate_from_config(config.model).to(device)
-    with torch.no_grad():
-        for p in model.model.parameters():
-            if p.ndim > 1 and not p.any():
-                p.normal_(0, 0.02)
-    return model.train()
-
-
 def make_batch(model, size, batch_size, device, seed):
     placeholder = next(iter(model.embedding_manager.string_to_param_dict))
     g = torch.Generator().manual_seed(seed)
@@ -216,43 +156,6 @@ def make_batch(model, size, batch_size, device, seed):
         "caption": [TEMPLATES[i % len(TEMPLATES)].format(placeholder) for i in range(batch_size)],
         "cache_key": [f"image-{i}" for i in range(batch_size)],
     }
-
-
-def reset_peak_memory(device):
-    """Start a fresh high-water mark: CUDA's allocator statistics, or the kernel's VmHWM of this process."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_mib(device, reset_worked):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    if reset_worked:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    return process_peak_rss_mib()
-
-
-def process_peak_rss_mib():
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
-
-
-def load_config(args):
-    config = OmegaConf.load(args.config)
-    if args.smoke:
-        config = OmegaConf.merge(config, OmegaConf.from_dotlist(SMOKE_OVERRIDES))
-    return config
 
 
 def measure_case(args, loop, precision, gradient_checkpointing):
@@ -383,12 +286,6 @@ def format_report(report):
             verdict = f"   target {target[0]} {target[1]}: {'met' if met else 'NOT met'}"
         lines.append(f"{name:<32} {value:6.2f}{verdict}")
     return "\n".join(lines)
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def run(args):

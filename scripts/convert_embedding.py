@@ -20,11 +20,11 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ldm.cli_checks import user_error_message  # noqa: E402
 from ldm.modules.embedding_io import (  # noqa: E402
-    FAMILY_NAMES, FAMILY_TOKENIZERS, FORMATS, check_family, check_tokenizer, describe_widths, load_embedding_file,
-    save_embedding_file, single_token_lookup,
+    FAMILY_NAMES, FAMILY_TOKENIZERS, FORMATS, XTI_FORMATS, check_family, check_tokenizer, describe_widths,
+    describe_xti, load_embedding_file, read_xti_file, save_embedding_file, save_xti_file, single_token_lookup,
 )
-from ldm.modules.xti import XTI_FORMATS, describe_xti, read_xti_file, save_xti_file  # noqa: E402
 
 
 def convert(input_path, output_path, to, name=None, tokenizer=None, model_family=None):
@@ -109,7 +109,7 @@ def main(argv=None):
     try:
         source = convert(args.input, args.output, args.to, args.name, args.tokenizer, args.model_family)
     except (ValueError, OSError) as err:
-        print(f"convert_embedding: {err}", file=sys.stderr)
+        print(f"convert_embedding: {user_error_message(err) or err}", file=sys.stderr)
         return 1
     print(f"Converted {args.input} ({source.format}, {source.family}) -> {args.output} ({args.to})")
     return 0

@@ -34,6 +34,8 @@ def build_parser():
     p.add_argument("--prompt", type=str, default="a photo of *", help="the prompt to render (with the placeholder)")
     p.add_argument("--config", type=str, default="configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml",
                    help="the model's YAML config")
+    p.add_argument("--trust_config", action="store_true",
+                   help="allow --config to name targets outside this project's modules (configs are code)")
     p.add_argument("--ckpt", "--ckpt_path", dest="ckpt", type=str, help="the model checkpoint (.ckpt or .safetensors)")
     p.add_argument("--embedding_path", type=str, nargs="+", help="learned embedding file(s)")
     p.add_argument("--placeholder_string", type=str, nargs="+",
@@ -77,14 +79,13 @@ def check_options(opt):
 
 def generate(opt):
     """Sample the model and save the images; returns them ((n, 3, H, W) in [-1, 1]) and the placeholders."""
-    from omegaconf import OmegaConf
-
     from ldm.checkpoint import load_model_from_config
-    from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
+    from ldm.config_trust import load_trusted_config
+    from ldm.models.diffusion.textual_inversion import EmbeddingLoadError, load_embeddings
     from ldm.txt2img_common import prompt_to_filename
     from ldm.util import to_pil
 
-    model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device=opt.device, verbose=False)
+    model = load_model_from_config(load_trusted_config(opt.config, opt.trust_config), opt.ckpt, device=opt.device, verbose=False)
     if opt.embedding_path:
         try:
             load_embeddings(model, opt.embedding_path, opt.placeholder_string, opt.config)

@@ -27,6 +27,8 @@ from evaluation import sample_images  # noqa: E402
 from evaluation import shapes_v2_eval  # noqa: E402
 from evaluation.shapes_eval import evaluate_images  # noqa: E402
 from ldm.checkpoint import load_model_from_config  # noqa: E402
+from ldm.cli_checks import run_cli  # noqa: E402
+from ldm.config_trust import load_trusted_config  # noqa: E402
 from ldm.data.shapes import COLOURS, SHAPES  # noqa: E402
 from ldm.data.shapes_v2 import position_phrase  # noqa: E402
 from ldm.models.diffusion.generate import SAMPLERS  # noqa: E402
@@ -94,6 +96,8 @@ def main(argv=None):
     p.add_argument("--world", choices=sorted(DEFAULTS), default="v1",
                    help="v1: colour and shape prompts; v2: colour, shape, size and position (ldm/data/shapes_v2.py)")
     p.add_argument("--config", default=None, help="the inference config (default: the world's shipped one)")
+    p.add_argument("--trust_config", action="store_true",
+                   help="allow --config to name targets outside this project's modules (configs are code)")
     p.add_argument("--ckpt", default=None, help="the model's weights (default: the world's shipped model)")
     p.add_argument("--n_samples", type=int, default=64)
     p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps")
@@ -111,7 +115,7 @@ def main(argv=None):
         if not os.path.isfile(path):
             raise SystemExit(f"{path} not found")
     start = time.time()
-    model = load_model_from_config(opt.config, opt.ckpt, verbose=False)
+    model = load_model_from_config(load_trusted_config(opt.config, opt.trust_config), opt.ckpt, verbose=False)
     with torch.no_grad():
         run = evaluate_v2 if opt.world == "v2" else evaluate
         rows, mean = run(model, opt.n_samples, opt.ddim_steps, opt.scale, opt.seed, sampler=opt.sampler,
@@ -126,4 +130,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -94,6 +94,37 @@ def test_peer_is_diffusers_own_modules_computing_what_ours_compute(tiny):
                                    model.first_stage_model.encode(image).mean, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_torso_with_its_norms_computes_what_diffusers_unet_in_bf16_computes(tiny):
+    """txt2img.py's bf16 sampling (torso and norms stored in bf16, under autocast) is diffusers' bf16 UNet, op for
+    op: no activation goes through float32 around the norms."""
+    import copy
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+    config, model = tiny
+    model = copy.deepcopy(model)
+    unet = bt.diffusers_modules(model, config)[0].to(torch.bfloat16)
+    ours = model.model.diffusion_model
+    ours.convert_torso(torch.bfloat16, norms=True)
+    g = torch.Generator().manual_seed(1)
+    x, context, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([10, 900])
+    norm_inputs = []
+
+    class RecordNorms(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (F.group_norm, F.layer_norm):
+                norm_inputs.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        theirs = unet(x.bfloat16(), t, encoder_hidden_states=context.bfloat16()).sample.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16), RecordNorms():
+            mine = ours(x, t, context=context).float()
+    # every norm of the torso ran on bf16; only the output head's GroupNorm (outside the torso) on float32
+    assert len(norm_inputs) > 10 and set(norm_inputs[:-1]) == {torch.bfloat16}
+    assert theirs.abs().max() > 0
+    torch.testing.assert_close(mine, theirs, atol=1e-2, rtol=1e-2)  # measured 3.9e-3 of 0.70
+
+
 def test_diffusers_step_trains_only_the_placeholder_row(tiny):
     config, _ = tiny
     model = bt.build_model(config, torch.device("cpu"), seed=0)
@@ -113,3 +144,15 @@ def test_diffusers_step_trains_only_the_placeholder_row(tiny):
 def test_bad_options_are_refused(argv):
     with pytest.raises(SystemExit):
         bt.parse_args(argv)
+
+
+def test_load_benchmark_smoke_loads_real_fp32_weights_on_both_sides_and_cleans_up(tmp_path):
+    bl = load_script("benchmark_load")
+    out = tmp_path / "load.json"
+    bl.main(["--smoke", "--repeats", "1", "--workdir", str(tmp_path), "--json", str(out)])
+    report = json.loads(out.read_text())["families"]["smoke"]
+    assert set(report["ratios"]) == {"load_time_ratio", "load_cpu_time_ratio", "peak_rss_ratio"}
+    assert all(positive_finite(v) for v in report["ratios"].values()), report["ratios"]
+    # the same-size modules on both sides: UNet + VAE + CLIP text
+    assert report["loops"]["ours"]["parameters"] == pytest.approx(report["loops"]["diffusers"]["parameters"], rel=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["load.json"]  # the multi-GB files do not stay

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import load_script
 from ldm.data.shapes_v2 import CONCEPTS
-from ldm.learning_curves import toy_v2_target_of
+from evaluation.learning_curves import toy_v2_target_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_CKPT = ROOT / "models/toy/shapes-ldm.safetensors"

@@ -57,3 +57,9 @@ def test_the_training_step_uses_the_range(tiny_config, monkeypatch):
 def test_a_bad_range_is_refused_with_its_values(tiny_config, lo, hi):
     with pytest.raises(ValueError, match="min_timestep"):
         build_tiny_model(with_params(tiny_config, min_timestep=lo, max_timestep=hi))
+
+
+def test_num_timesteps_cond_of_the_official_configs_is_accepted_and_another_value_refused(tiny_config):
+    assert build_tiny_model(with_params(tiny_config, num_timesteps_cond=1)) is not None
+    with pytest.raises(ValueError, match="num_timesteps_cond 2: only 1"):
+        build_tiny_model(with_params(tiny_config, num_timesteps_cond=2))

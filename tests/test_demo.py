@@ -36,7 +36,7 @@ def test_demo_pipeline_writes_everything_and_learns(tmp_path):
         assert len(list((out / key / "samples").glob("*.png"))) == 4
         rates = summary["results"][key]
         assert 0.0 <= rates["toy_joint"] <= 1.0 and "toy_colour" in rates
-    from ldm.modules.xti import read_xti_file
+    from ldm.modules.embedding_io import read_xti_file
     learned = read_xti_file(summary["embedding"])  # the toy default is XTI: one set per cross-attention layer
     assert learned.step == 6 and tuple(learned.layers) == ("IN01", "IN03", "MID", "OUT00", "OUT01", "OUT02", "OUT03")
     init = init_word_vector()  # the init word's one vector; every layer's `*` starts as 48 copies of it

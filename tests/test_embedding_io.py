@@ -354,7 +354,7 @@ def test_convert_reports_the_family_and_writes_a1111_png(tmp_path, capsys):
 def test_load_embeddings_gives_one_clear_error(tmp_path):
     import types
     from PIL import Image, PngImagePlugin
-    from ldm.modules.embedding_io import EmbeddingLoadError, load_embeddings
+    from ldm.models.diffusion.textual_inversion import EmbeddingLoadError, load_embeddings
     with pytest.raises(EmbeddingLoadError, match="cfg.yaml has no personalization_config"):
         load_embeddings(types.SimpleNamespace(), [tmp_path / "e.pt"], config="cfg.yaml")
     info = PngImagePlugin.PngInfo()

@@ -189,7 +189,7 @@ def test_same_mechanism_with_bert(bert):
     torch.testing.assert_close(bert(["a photo of *", "* and *"], embedding_manager=manager), expected)
 
 
-def test_regulariser_and_norms(clip):
+def test_regulariser(clip):
     manager = EmbeddingManager(clip, ["*", "sks"], ["dog", "cat"], num_vectors_per_token=2)
     assert manager.embedding_to_coarse_loss().item() == 0
     with torch.no_grad():
@@ -197,9 +197,6 @@ def test_regulariser_and_norms(clip):
     loss = manager.embedding_to_coarse_loss()
     assert loss.ndim == 0
     torch.testing.assert_close(loss, torch.tensor(2 * 32 * 0.25 / 2))
-    norms = manager.get_embedding_norms_squared()
-    assert norms.shape == (4,)
-    torch.testing.assert_close(norms[2], manager.string_to_param_dict["sks"][0].square().sum().detach())
 
 
 def test_save_then_load(clip, tmp_path):
@@ -313,13 +310,13 @@ def test_longest_name_first(clip, tmp_path):
 
 
 def test_vectors_beyond_77_are_cut_with_a_warning(clip, tmp_path):
-    vectors = torch.randn(80, 32)
+    vectors = torch.randn(74, 32)  # fits alone (at most 75), not beside "a" and "cat"
     save_embedding_file(tmp_path / "huge-style.safetensors", {"x": vectors}, fmt="kohya")
     manager = EmbeddingManager(clip, ["*"])
     manager.load(tmp_path / "huge-style.safetensors")
     tokens = clip.tokenize(["a huge-style cat"])
     embedded = clip.token_embedding(tokens)
-    with pytest.warns(UserWarning, match="is 84 positions long.*cut to 77"):
+    with pytest.warns(UserWarning, match="is 78 positions long.*cut to 77"):
         out = manager(tokens, embedded)
     assert out.shape == embedded.shape
     torch.testing.assert_close(out[0, 2:76], vectors[:74])

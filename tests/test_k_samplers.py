@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 from ldm.models.diffusion import sampling  # noqa: E402
 from ldm.models.diffusion.prediction import Prediction  # noqa: E402
 from ldm.models.diffusion.generate import K_SAMPLERS, SAMPLERS, KSampler, generate, make_sampler  # noqa: E402
-from ldm.models.diffusion.sampling_util import cat_conditioning  # noqa: E402
+from ldm.models.diffusion.conditioning import cat_conditioning  # noqa: E402
 
 SCALE = 5.0
 BATCH = 2

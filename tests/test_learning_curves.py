@@ -1,4 +1,4 @@
-"""Learning curves (ldm.learning_curves): the PIL plot, the toy target of a concept, and real main.py runs."""
+"""Learning curves (evaluation.learning_curves): the PIL plot, the toy target of a concept, and real main.py runs."""
 import csv
 import glob
 import json
@@ -12,7 +12,7 @@ from PIL import Image
 import main as entry
 from ldm.data.personalized import list_images
 from ldm.data.shapes import CONCEPTS
-from ldm.learning_curves import PALETTE, plot_curves, toy_target_of
+from evaluation.learning_curves import PALETTE, plot_curves, toy_target_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/tiny/finetune-tiny.yaml")
@@ -54,7 +54,7 @@ def _run(tmp_path, concept_dir, tiny_ckpt, *overrides, steps=4):
     entry.main(["--base", CONFIG, "-t", "--actual_resume", str(tiny_ckpt), "--data_root", str(concept_dir),
                 "--init_word", "triangle", "-l", str(logs), "--max_steps", str(steps),
                 "lightning.callbacks.image_logger.params.batch_frequency=2",
-                f"{CURVE}.target=ldm.learning_curves.LearningCurve", f"{CURVE}.params.every_n_steps=2",
+                f"{CURVE}.target=evaluation.learning_curves.LearningCurve", f"{CURVE}.params.every_n_steps=2",
                 f"{CURVE}.params.n_samples=2", f"{CURVE}.params.ddim_steps=2", *overrides])
     (run,) = glob.glob(os.path.join(str(logs), "*"))
     rows = []  # no CSV at all when nothing was logged

@@ -6,9 +6,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from ldm.modules.embedding_io import (
-    EmbeddingFamilyError, load_embedding_file, load_embeddings, save_embedding_file,
-)
+from ldm.models.diffusion.textual_inversion import load_embeddings
+from ldm.modules.embedding_io import EmbeddingFamilyError, load_embedding_file, save_embedding_file
 from ldm.modules.embedding_manager import EmbeddingManager, MultiEmbeddingManager
 from ldm.modules.encoders.clip_hidden import FrozenCLIPEmbedderHidden
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2
@@ -48,7 +47,6 @@ def test_each_encoder_gets_its_own_vectors_from_its_own_table(sdxl_encoders):
     assert sorted(name for name, p in manager.named_parameters() if p.requires_grad) == [
         f"managers.{key}.string_to_param_dict.{s}" for key in ("clip_g", "clip_l") for s in ("*", "sks")]
     assert len(list(manager.embedding_parameters())) == 4
-    assert manager.get_embedding_norms_squared().shape == (8,)
     assert manager.embedding_to_coarse_loss() == 0
     with torch.no_grad():
         manager.managers["clip_g"].string_to_param_dict["*"].add_(1.0)
@@ -56,6 +54,18 @@ def test_each_encoder_gets_its_own_vectors_from_its_own_table(sdxl_encoders):
     assert manager.embedding_to_coarse_loss().item() == pytest.approx(2 * 40 / 2)
     manager.progressive_step = 4000
     assert all(m.progressive_step == 4000 for m in manager.managers.values())
+
+
+def test_the_multi_manager_follows_the_protocol_and_hands_each_encoder_its_own_manager(sdxl_encoders):
+    from ldm.modules.encoders.base import EmbeddingManagerProtocol
+    manager = MultiEmbeddingManager(sdxl_encoders, ["*"], ["dog"])
+    assert isinstance(manager, EmbeddingManagerProtocol) and not manager.per_layer
+    assert [manager.manager_for(e) for e in sdxl_encoders] == list(manager.managers.values())
+    assert manager.concepts == ["*"] and manager.interchange_format() == "a1111-safetensors"
+    tokens = sdxl_encoders[0].tokenize(["a photo of *"])
+    assert torch.equal(manager.encode_tokens(sdxl_encoders[0], tokens),
+                       sdxl_encoders[0].encode_tokens(tokens, embedding_manager=manager.managers["clip_l"]))
+    assert MultiEmbeddingManager(sdxl_encoders, ["*", "sks"], ["dog", "cat"]).interchange_format() is None
 
 
 def test_a_placeholder_merged_with_punctuation_is_reported_once_for_both_encoders(sdxl_encoders):

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 import main as entry
 from ldm.checkpoint import atomic_write, load_state_dict, save_state_dict
 from ldm.cli_checks import sampling_problems, user_error_message
+from ldm.run import RUN_DIR_ENV, claim_run_dir
 from ldm.util import ConfigError, instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,12 +105,12 @@ def test_the_frozen_weights_a_run_checkpoint_omits_are_the_named_exception(tmp_p
 
 # ---------------------------------------------------------------------------------------- 5. exclusive folders
 def test_log_folders_are_claimed_exclusively(tmp_path, monkeypatch):
-    monkeypatch.delenv(entry.RUN_DIR_ENV, raising=False)
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     claimed, barrier = [], threading.Barrier(8)
 
     def claim():
         barrier.wait()
-        claimed.append(entry.claim_run_dir(str(tmp_path / "logs" / "same_name")))
+        claimed.append(claim_run_dir(str(tmp_path / "logs" / "same_name")))
 
     threads = [threading.Thread(target=claim) for _ in range(8)]
     for t in threads:
@@ -169,7 +170,7 @@ def test_resume_refuses_config_targets_outside_the_project(tmp_path):
     config = OmegaConf.load(CONFIG)
     config.data = {"target": "os.system", "params": {"command": f"touch {marker}"}}
     OmegaConf.save(config, run / "configs" / "x-project.yaml")
-    with pytest.raises(entry.UsageError, match="os.system .*--trust_config"):
+    with pytest.raises(ConfigError, match="os.system .*--trust_config"):
         entry.main(["-r", str(run)])
     assert not marker.exists()
 
@@ -178,7 +179,7 @@ def test_resume_refuses_config_targets_outside_the_project(tmp_path):
 def test_yaml_syntax_error_and_unreadable_images_are_one_line(tmp_path, tiny_ckpt, concept_dir):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  params: [unclosed\n")
-    with pytest.raises(entry.UsageError, match="bad.yaml could not be read"):
+    with pytest.raises(ConfigError, match="bad.yaml could not be read"):
         entry.main(["--base", str(bad), "-t"])
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -11,7 +11,8 @@ import torch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.prediction import Prediction
-from ldm.models.diffusion.sampling_util import cat_conditioning
+from ldm.models.diffusion.conditioning import cat_conditioning, guided_output
+from ldm.models.diffusion.generate import make_sampler
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 
 SIGMA = 0.5
@@ -173,6 +174,28 @@ def test_cat_conditioning_handles_nested_inputs():
     u, c = torch.zeros(2, 3), torch.ones(2, 3)
     out = cat_conditioning({"c_crossattn": [u]}, {"c_crossattn": [c]})
     assert torch.equal(out["c_crossattn"][0], torch.cat([u, c]))
+
+
+@pytest.mark.parametrize("name", ["ddim", "plms", "euler", "dpmpp_2m"])
+def test_every_sampler_refuses_a_conditioning_for_another_batch_size(name):
+    sampler = make_sampler(GaussianDenoiser(), name)
+    with pytest.raises(ValueError, match="got 2 conditionings for a batch of 3 samples"):
+        sampler.sample(2, 3, SHAPE, torch.ones(2), verbose=False)
+    with pytest.raises(ValueError, match="got 2 conditionings for a batch of 3 samples"):  # guided too
+        sampler.sample(2, 3, SHAPE, torch.ones(2), verbose=False, unconditional_guidance_scale=3.0,
+                       unconditional_conditioning=torch.zeros(2))
+
+
+def test_guided_output_is_one_batched_call_of_the_guidance_formula():
+    model = GaussianDenoiser()
+    x, t = torch.randn(2, *SHAPE), torch.tensor([10, 500])
+    cond, uncond = torch.ones(2), torch.zeros(2)
+    out_cond, out_uncond = model.apply_model(x, t, cond), model.apply_model(x, t, uncond)
+    model.batch_sizes.clear()
+    guided = guided_output(model, x, t, cond, uncond, scale=3.0)
+    assert model.batch_sizes == [4] and guided.dtype == torch.float32
+    assert torch.allclose(guided, out_uncond + 3.0 * (out_cond - out_uncond), atol=1e-6)
+    assert torch.equal(guided_output(model, x, t, cond, uncond, scale=1.0), out_cond)  # scale 1: one branch
 
 
 def test_schedule_follows_the_model_device_and_stays_float32():

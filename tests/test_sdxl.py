@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import build_tiny_model, load_script, write_concept_images
 from ldm.checkpoint import CheckpointError, load_model_from_config, load_state_dict, save_state_dict
-from ldm.modules.embedding_io import EmbeddingLoadError, load_embedding_file, load_embeddings
+from ldm.models.diffusion.textual_inversion import EmbeddingLoadError, load_embeddings
+from ldm.modules.embedding_io import load_embedding_file
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def test_tiny_sdxl_model_has_the_official_layout_and_loads_it_strictly(tmp_path)
 
 def test_size_keys_come_from_the_data_and_default_to_the_image_size(concept_dir):
     from ldm.data.personalized import PersonalizedBase
-    from ldm.models.diffusion.sdxl_conditioning import conditioner_batch
+    from ldm.models.diffusion.conditioning import conditioner_batch
     example = PersonalizedBase(str(concept_dir), size=16, size_conditioning=True)[0]
     assert example["original_size_as_tuple"].tolist() == [32, 32]
     assert example["target_size_as_tuple"].tolist() == [16, 16]

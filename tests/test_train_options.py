@@ -161,7 +161,7 @@ def test_config_keys_are_what_the_flags_write(tmp_path):
     """The flags are config keys: the same run from YAML alone gets the same settings."""
     opt, _ = entry.get_parser().parse_known_args(["--lr_scheduler", "linear", "--lr_warmup_steps", "3",
                                                   "--save_every_n_steps", "7", "--crop", "none",
-                                                  "--caption_extension", "caption"])
+                                                  "--caption_extension", "caption", "--background", "#102030"])
     config = entry.OmegaConf.load(CONFIG)
     lightning = config.pop("lightning")
     options = entry.trainer_options(opt, lightning)
@@ -172,3 +172,10 @@ def test_config_keys_are_what_the_flags_write(tmp_path):
     assert lightning.modelcheckpoint.params.every_n_train_steps == 7
     assert config.data.params.train.params.crop == config.data.params.validation.params.crop == "none"
     assert config.data.params.train.params.caption_extension == ".caption"
+    assert list(config.data.params.train.params.background) == [16, 32, 48]
+    opt, _ = entry.get_parser().parse_known_args(["--background", "0,128,255"])
+    entry.apply_training_options(opt, config, lightning, options)
+    assert list(config.data.params.validation.params.background) == [0, 128, 255]
+    opt, _ = entry.get_parser().parse_known_args(["--background", "ultraviolet"])
+    with pytest.raises(entry.OptionError, match="--background 'ultraviolet'"):
+        entry.apply_training_options(opt, config, lightning, options)

@@ -68,7 +68,7 @@ def test_plms_fixed_code_prompts_from_file_and_autocast(tmp_path, tiny_args):
 
 @pytest.mark.parametrize("precision,dtype", [("autocast", torch.bfloat16), ("full", torch.float32)])
 def test_autocast_stores_the_frozen_unet_in_its_dtype(tiny_args, precision, dtype):
-    """Under --precision autocast the UNet's convs and linears are kept in bf16 (CPU), not re-cast at every step."""
+    """Under --precision autocast the UNet's torso is kept in bf16 (CPU), not re-cast at every step."""
     from ldm.txt2img_common import build_parser, load_model
     opt = build_parser("test").parse_args(tiny_args[:4] + ["--device", "cpu", "--precision", precision])
     unet = load_model(opt).model.diffusion_model
@@ -76,7 +76,7 @@ def test_autocast_stores_the_frozen_unet_in_its_dtype(tiny_args, precision, dtyp
     convs = [m for m in torso if isinstance(m, torch.nn.Conv2d)]
     norms = [m for m in torso if isinstance(m, torch.nn.GroupNorm)]
     assert convs and all(m.weight.dtype == dtype for m in convs)
-    assert all(m.weight.dtype == torch.float32 for m in norms)
+    assert norms and all(m.weight.dtype == dtype for m in norms)  # bf16 on CPU: norms too, as diffusers runs it
 
 
 def test_embedding_file_is_loaded_and_changes_the_images(tmp_path, tiny_args, tiny_config):

@@ -13,8 +13,8 @@ from PIL import Image
 from conftest import build_tiny_model, load_script
 from ldm.checkpoint import load_checkpoint
 from ldm.models.diffusion.generate import generate
-from ldm.modules.embedding_io import load_embedding_file
-from ldm.modules.xti import XTIEmbeddingManager, read_xti_file, save_xti_file
+from ldm.modules.embedding_io import load_embedding_file, read_xti_file, save_xti_file
+from ldm.modules.xti import XTIEmbeddingManager
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LAYERS = ("IN01", "IN03", "MID", "OUT00", "OUT01", "OUT02", "OUT03")
@@ -59,7 +59,37 @@ def test_sd_v1_layout_gives_kohyas_sixteen_layer_names():
     assert unet.cross_attention_layer_names == KOHYA_SD_V1_LAYERS
 
 
-# ------------------------------------------------------------------------------------------------ equivalence
+# ------------------------------------------------------------------------------------------------ protocol
+class PerLayerOnly(torch.nn.Module):
+    """Says whether it is per layer, and nothing else an embedding manager has."""
+    per_layer = False
+
+    def __init__(self, embedder, **kwargs):
+        super().__init__()
+
+
+def test_every_manager_kind_is_an_embedding_manager_protocol_and_a_non_manager_is_refused(model, tiny_config):
+    from ldm.modules.embedding_manager import EmbeddingManager, MultiEmbeddingManager
+    from ldm.modules.encoders.base import EmbeddingManagerProtocol
+    ordinary, per_layer = model.embedding_manager, xti_manager(model)
+    assert type(ordinary) is EmbeddingManager and isinstance(ordinary, EmbeddingManagerProtocol)
+    assert isinstance(per_layer, EmbeddingManagerProtocol)
+    assert (ordinary.per_layer, per_layer.per_layer, MultiEmbeddingManager.per_layer) == (False, True, False)
+    encoder = model.cond_stage_model
+    assert ordinary.manager_for(encoder) is ordinary and per_layer.manager_for(encoder) is per_layer
+    assert ordinary.concepts == per_layer.concepts == ["*"]
+    assert (ordinary.interchange_format(), per_layer.interchange_format()) == ("a1111-safetensors", None)
+    assert not isinstance(torch.nn.Linear(2, 2), EmbeddingManagerProtocol)
+    config = OmegaConf.create(OmegaConf.to_container(tiny_config))
+    config.model.params.personalization_config.target = "torch.nn.Identity"
+    with pytest.raises(TypeError, match="torch.nn.Identity is not an embedding manager"):
+        build_tiny_model(config)
+    config.model.params.personalization_config.target = f"{__name__}.PerLayerOnly"
+    with pytest.raises(TypeError, match="PerLayerOnly is not an embedding manager: it lacks members"):
+        build_tiny_model(config)
+
+
+
 def test_one_set_for_all_layers_is_the_ordinary_path(model):
     prompts = ["a photo of *", "a photo of a dog"]
     torch.manual_seed(0)

@@ -8,7 +8,9 @@ from PIL import Image
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.image_ops import hflip, load_rgb, resample_filter, resize, square_crop, to_model_range
+from ldm.data.image_ops import (WHITE, background_colour, hflip, load_rgb, resample_filter, resize, square_crop,
+                                to_model_range)
+from ldm.util import InputFileError, open_input_file, read_text_file
 
 imagenet_templates_smallest = [
     'a photo of a {}',
@@ -128,6 +130,49 @@ imagenet_dual_templates_small = [
     'a photo of a small {} with {}',
 ]
 
+# Captions for a style (learnable_property: style; ldm.data.personalized_style).
+imagenet_style_templates_small = [
+    'a painting in the style of {}',
+    'a rendering in the style of {}',
+    'a cropped painting in the style of {}',
+    'the painting in the style of {}',
+    'a clean painting in the style of {}',
+    'a dirty painting in the style of {}',
+    'a dark painting in the style of {}',
+    'a picture in the style of {}',
+    'a cool painting in the style of {}',
+    'a close-up painting in the style of {}',
+    'a bright painting in the style of {}',
+    'a cropped painting in the style of {}',
+    'a good painting in the style of {}',
+    'a close-up painting in the style of {}',
+    'a rendition in the style of {}',
+    'a nice painting in the style of {}',
+    'a small painting in the style of {}',
+    'a weird painting in the style of {}',
+    'a large painting in the style of {}',
+]
+
+imagenet_dual_style_templates_small = [
+    'a painting in the style of {} with {}',
+    'a rendering in the style of {} with {}',
+    'a cropped painting in the style of {} with {}',
+    'the painting in the style of {} with {}',
+    'a clean painting in the style of {} with {}',
+    'a dirty painting in the style of {} with {}',
+    'a dark painting in the style of {} with {}',
+    'a cool painting in the style of {} with {}',
+    'a close-up painting in the style of {} with {}',
+    'a bright painting in the style of {} with {}',
+    'a cropped painting in the style of {} with {}',
+    'a good painting in the style of {} with {}',
+    'a painting of one {} in the style of {}',
+    'a nice painting in the style of {} with {}',
+    'a small painting in the style of {} with {}',
+    'a weird painting in the style of {} with {}',
+    'a large painting in the style of {} with {}',
+]
+
 # Extra words that give each training image its own token when per_image_tokens is on.
 per_img_token_list = [
     'א', 'ב', 'ג', 'ד', 'ה', 'ו', 'ז', 'ח', 'ט', 'י', 'כ', 'ל', 'מ', 'נ', 'ס', 'ע', 'פ', 'צ', 'ק', 'ר', 'ש', 'ת',
@@ -135,6 +180,7 @@ per_img_token_list = [
 
 
 MIN_USEFUL_SIDE = 8  # px; smaller training images are almost certainly a mistake
+MAX_CAPTION_BYTES = 2**20  # a caption is a line of text; this bounds what a wrong file can cost
 # Without cropping, images whose long side exceeds the short one by more than this are reported as distorted.
 MAX_UNWARNED_ASPECT = 1.25
 CROP_MODES = ("center", "none", "random")
@@ -147,8 +193,9 @@ def list_images(data_root, caption_extension=None):
     """Sorted paths of the readable images in `data_root`.
 
     Hidden files, and the caption files of images (<image name><caption_extension>), are ignored; anything else
-    PIL cannot open is skipped with one warning naming it. A missing folder or one without images is an error
-    naming the folder.
+    that is not a regular file PIL can open (a subfolder, a pipe or device, a damaged file) is skipped, with one
+    warning naming each and why: a concept folder often holds other things, and the run goes on with its images.
+    A missing folder or one without images is an error naming the folder.
     """
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"Training image folder {data_root!r} does not exist (check --data_root)")
@@ -164,11 +211,15 @@ def list_images(data_root, caption_extension=None):
             continue
         path = os.path.join(data_root, name)
         try:
-            with Image.open(path) as image:
+            # a FIFO would block Image.open forever: open_input_file refuses anything but a regular file
+            with open_input_file(path, "image") as f, Image.open(f) as image:
                 size = image.size
             images.append(path)
-        except OSError:  # not an image (UnidentifiedImageError), a folder, unreadable
-            skipped.append(name)
+        except (InputFileError, Image.DecompressionBombError) as err:  # a folder, a pipe, an absurd size
+            skipped.append(str(err))
+            continue
+        except OSError:  # not an image (UnidentifiedImageError), damaged
+            skipped.append(f"{name} is not an image, or is damaged")
             continue
         if min(size) < MIN_USEFUL_SIDE:
             tiny.append(f"{name} ({size[0]}x{size[1]} px)")
@@ -176,7 +227,7 @@ def list_images(data_root, caption_extension=None):
         warnings.warn(f"Tiny images in {data_root!r}: {', '.join(tiny)}; they are upscaled to the training size "
                       "and carry almost nothing of the concept.")
     if skipped:
-        warnings.warn(f"Skipping {len(skipped)} non-image entries in {data_root!r}: {', '.join(skipped)}")
+        warnings.warn(f"Skipping {len(skipped)} non-image entries in {data_root!r}: {'; '.join(skipped)}")
     if not images:
         raise ValueError(f"No readable images in training image folder {data_root!r}"
                          + (f" ({len(skipped)} files are not images or are damaged)" if skipped else "")
@@ -209,11 +260,7 @@ def read_caption(path, token, placeholder=None):
     """An image's caption file with the placeholder in it: left as it is when it writes `token`; else
     `placeholder` (default: `token`; e.g. with the coarse class word) where it writes `*`, or in front of it."""
     placeholder = placeholder or token
-    try:
-        with open(path, encoding="utf-8") as f:
-            caption = " ".join(f.read().split())
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"Caption file {path} could not be read ({err}): write it as UTF-8 text") from None
+    caption = " ".join(read_text_file(path, "caption file", MAX_CAPTION_BYTES).split())
     if not caption:
         raise ValueError(f"Caption file {path} is empty: write the image's caption in it, or delete it")
     if token in caption:
@@ -261,12 +308,14 @@ class PersonalizedBase(Dataset):
                  templates=None,
                  caption_extension=".txt",
                  crop=None,
+                 background=WHITE,
                  ):
         """Beyond the original's parameters: `learnable_property` (object|style) picks the built-in templates,
         `templates` (a list of strings with {}) replaces them; `caption_extension`: a file <image
         name><ext> beside an image is its caption (None: no caption files); `crop` center|none|random (random:
         a square at one of RANDOM_CROP_PLACES places along the long side, drawn per example; default: the
-        original's `center_crop` flag)."""
+        original's `center_crop` flag); `background`: the colour transparent pixels are composited onto (a name,
+        "#rrggbb" or three numbers)."""
         self.data_root = data_root
         self.caption_extension = caption_extension
         self.image_paths = list_images(data_root, caption_extension)
@@ -295,6 +344,7 @@ class PersonalizedBase(Dataset):
         self.captions = self.read_captions()
         # SDXL's micro-conditioning: each image's source size, crop and target size (set by SDXL configs)
         self.size_conditioning = size_conditioning
+        self.background = background_colour(background)
         self._sizes = {}
 
         if per_image_tokens and self.num_images > len(per_img_token_list):
@@ -312,9 +362,8 @@ class PersonalizedBase(Dataset):
             raise ValueError(f"learnable_property {learnable_property!r}: choose one of "
                              f"{', '.join(LEARNABLE_PROPERTIES)}")
         if learnable_property == "style":
-            from ldm.data import personalized_style
-            self.dual_templates = personalized_style.imagenet_dual_style_templates_small
-            return personalized_style.imagenet_style_templates_small
+            self.dual_templates = imagenet_dual_style_templates_small
+            return imagenet_style_templates_small
         self.dual_templates = imagenet_dual_templates_small
         return imagenet_templates_small
 
@@ -327,7 +376,7 @@ class PersonalizedBase(Dataset):
             return {}
         paths = [os.path.splitext(p)[0] + self.caption_extension for p in self.image_paths]
         return {i: read_caption(path, self.placeholder_token, self.placeholder())
-                for i, path in enumerate(paths) if os.path.isfile(path)}
+                for i, path in enumerate(paths) if os.path.exists(path)}  # a pipe or folder there is refused
 
     def placeholder(self):
         """The placeholder as captions write it (after the coarse class word, if any)."""
@@ -355,8 +404,9 @@ class PersonalizedBase(Dataset):
         """The image before the random flip: RGB, cropped to a square at `place` (None: not cropped), resized."""
         key = (image_index, place)
         if key not in self._prepared:
-            image = load_rgb(self.image_paths[image_index])
-            width, height = image.size
+            # huge images are reduced while decoding, never below the training size
+            image = load_rgb(self.image_paths[image_index], self.background, min_side=self.size)
+            width, height = image.info["original_size"]  # the file's own size, which SDXL is conditioned on
             crop = (0, 0)
             if place is not None:
                 image, (top, left) = square_crop(image, place)

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from ldm.checkpoint import load_weights
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -38,7 +39,6 @@ class _AdversarialAutoencoder(pl.LightningModule):
             self.monitor = monitor
 
     def init_from_ckpt(self, path, ignore_keys=()):
-        from ldm.checkpoint import load_weights
         load_weights(self, path, ignore_keys)
 
     def get_input(self, batch, k):

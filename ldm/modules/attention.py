@@ -115,7 +115,7 @@ class SpatialTransformer(nn.Module):
         ])
         self.proj_out = zero_module(nn.Linear(inner_dim, in_channels) if use_linear
                                     else nn.Conv2d(inner_dim, in_channels, 1))
-        self.layer_index = None  # this layer's place among the UNet's cross-attention layers (ldm.modules.xti)
+        self.layer_index = None  # this layer's place among the UNet's cross-attention layers (diffusionmodules.layer_contexts)
 
     def forward(self, x, context=None):
         if context is not None and context.ndim == 4:  # one context per cross-attention layer (XTI): take ours

@@ -12,6 +12,9 @@ SDXL files hold one vector set per text encoder, keyed by the encoder's `embeddi
              AUTOMATIC1111 and kohya write them; diffusers loads this file too, one key per text encoder.
   official   the project's own: {"string_to_token": {s: id}, "string_to_param": {"clip_l": {s: [n, 768]},
              "clip_g": {s: [n, 1280]}}, "name", "step"}, several concepts per file like SD v1's.
+XTI (extended textual inversion, one vector set per cross-attention layer) files are read by `read_xti_file`
+and written by `save_xti_file` (the official layout with a leading layers axis, and kohya's {layer: [n, d]});
+every one-set reader refuses them, saying how to use them.
 Vectors always come back as float32 [n, d], keyed by the word a user types for them, as their own tools do:
 the stored placeholder for official and diffusers files, the FILE NAME for AUTOMATIC1111 and kohya files
 (the webui ignores their stored name), the stored name for PNGs.
@@ -20,6 +23,7 @@ Every file's model family is recognised by its widths (FAMILIES) and a mismatch 
 """
 import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,8 @@ import torch
 
 from ldm.checkpoint import PickledObject, atomic_write, load_checkpoint
 from ldm.modules.embedding_png import is_png, preview_image, read_png_embedding, write_png_embedding
+from ldm.modules.encoders.clip_tokenizer import load_clip_tokenizer
+from ldm.modules.encoders.modules import BERTTokenizer
 
 FORMATS = ("official", "a1111", "a1111-png", "a1111-safetensors", "diffusers", "kohya")
 ONE_TERM_FORMATS = ("a1111", "a1111-png", "a1111-safetensors", "diffusers", "kohya")
@@ -49,6 +55,8 @@ FAMILY_TOKENIZERS = {(768,): "clip", (1024,): "clip", (1280,): "bert", (768, 128
 FAMILY_NAMES = {"sd-v1": (768,), "sd-2": (1024,), "ldm-1.4b": (1280,), "sdxl": (768, 1280)}
 IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg", ".avif", ".jxl")
 PARAMETER_DICT = "torch.nn.modules.container.ParameterDict"
+XTI_FORMATS = ("official", "kohya-xti")
+_KOHYA_LAYER = re.compile(r"(IN|OUT)\d\d|MID")
 A1111_STAR_TOKEN = 265  # CLIP id of "*", which AUTOMATIC1111 writes as the (unused) placeholder token
 
 
@@ -118,8 +126,12 @@ def check_tokenizer(path, widths, tokenizer):
             f"tokenizer is for {users}.")
 
 
-def _plain_mapping(value):
-    """string_to_param as a plain dict: unwraps the original's pickled nn.ParameterDict stand-in."""
+def _plain_mapping(value, path, key):
+    """string_to_param (or another mapping entry `key` of the file) as a plain dict: unwraps the original's
+    pickled nn.ParameterDict stand-in; ValueError naming the file when it is no mapping at all."""
+    if not isinstance(value, (dict, PickledObject)):
+        raise ValueError(f"{path}: {key} should map names to vectors, got {type(value).__name__}: the file is damaged "
+                         "or not an embedding")
     if isinstance(value, PickledObject):
         state = value.state or {}
         params = state.get("_parameters", {})
@@ -127,10 +139,19 @@ def _plain_mapping(value):
     return dict(value)
 
 
+def check_floating(tensor, path, what):
+    """Refuse vectors stored as integers or booleans: no trainer writes them, and cast to floats they would be
+    sampled as some other, meaningless concept without a word."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"{path}: {what} is stored as {str(tensor.dtype).removeprefix('torch.')}, not as real "
+                         "floating point numbers: the file is damaged or not a learned embedding")
+
+
 def _as_matrix(tensor, path, key):
     if not isinstance(tensor, torch.Tensor) or tensor.ndim not in (1, 2):
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{path}: embedding {key!r} should be a [d] or [n, d] tensor, got {shape}")
+    check_floating(tensor, path, f"embedding {key!r}")
     tensor = tensor.detach().to(torch.float32)
     if not torch.isfinite(tensor).all():  # it would sample black images without a word
         raise ValueError(f"{path}: embedding {key!r} holds NaN or infinite values (training diverged?); use an "
@@ -144,8 +165,19 @@ def _token_id(value):
     return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
 
 
-def _optional_int(value):
-    return None if value in (None, "", "None") else int(value)
+def _optional_int(value, path):
+    """A file's stored step as an int (None when absent); ValueError naming the file when it is not one."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if value is None or (isinstance(value, str) and value in ("", "None")):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None or (not isinstance(value, str) and number != value):
+        raise ValueError(f"{path}: its step {value!r} is not a whole number: the file is damaged or was edited")
+    return number
 
 
 def _safetensors_metadata(path):
@@ -156,11 +188,11 @@ def _safetensors_metadata(path):
 
 
 def _a1111_file(data, path, name, fmt):
-    params = _plain_mapping(data["string_to_param"])
+    params = _plain_mapping(data["string_to_param"], path, "string_to_param")
     if len(params) != 1:
         raise ValueError(f"{path}: an AUTOMATIC1111 file holds one term, found {sorted(params)}")
     return EmbeddingFile.single({name: _as_matrix(next(iter(params.values())), path, name)}, {name: None},
-                                data.get("name") or Path(path).stem, _optional_int(data.get("step")), fmt)
+                                data.get("name") or Path(path).stem, _optional_int(data.get("step"), path), fmt)
 
 
 def _sdxl_file(data, path, concept, name, step, fmt):
@@ -180,11 +212,12 @@ def _official_sdxl(params, tokens, data, path):
     if unknown or len(params) != len(ENCODER_KEYS):
         raise ValueError(f"{path}: string_to_param holds one dict per text encoder, expected "
                          f"{', '.join(ENCODER_KEYS)}, found {', '.join(sorted(map(str, params)))}")
-    by_encoder = {key: {s: _as_matrix(v, path, f"{key}/{s}") for s, v in _plain_mapping(params[key]).items()}
+    by_encoder = {key: {s: _as_matrix(v, path, f"{key}/{s}")
+                        for s, v in _plain_mapping(params[key], path, f"string_to_param/{key}").items()}
                   for key in ENCODER_KEYS}
     concepts = next(iter(by_encoder.values()))
     return EmbeddingFile(by_encoder, {s: _token_id(tokens.get(s)) for s in concepts}, data.get("name"),
-                         _optional_int(data.get("step")), "official")
+                         _optional_int(data.get("step"), path), "official")
 
 
 def _read(path):
@@ -193,7 +226,7 @@ def _read(path):
         data = read_png_embedding(path)
         if any(key in data for key in ENCODER_KEYS):
             name = data.get("name") or stem
-            return _sdxl_file(data, path, name, name, _optional_int(data.get("step")), "a1111-png")
+            return _sdxl_file(data, path, name, name, _optional_int(data.get("step"), path), "a1111-png")
         return _a1111_file(data, path, data.get("name") or stem, "a1111-png")
     if path.lower().endswith(IMAGE_SUFFIXES):
         raise ValueError(f"{path} is not a PNG image: image embeddings (AUTOMATIC1111's) are read from PNGs only")
@@ -205,35 +238,35 @@ def _read(path):
     keys = sorted(map(str, data))
     saved_as = "a1111-safetensors" if meta.get("format") == "a1111-safetensors" else "kohya"
     if any(key in data for key in ENCODER_KEYS):
-        return _sdxl_file(data, path, stem, meta.get("name") or stem, _optional_int(meta.get("step")), saved_as)
+        return _sdxl_file(data, path, stem, meta.get("name") or stem, _optional_int(meta.get("step"), path),
+                          saved_as)
     if "string_to_param" in data:
         if "sd_checkpoint" in data or "sd_checkpoint_name" in data:
             return _a1111_file(data, path, stem, "a1111")
-        params = _plain_mapping(data["string_to_param"])
-        tokens = _plain_mapping(data.get("string_to_token", {}))
+        params = _plain_mapping(data["string_to_param"], path, "string_to_param")
+        tokens = _plain_mapping(data.get("string_to_token", {}), path, "string_to_token")
         if params and all(isinstance(v, (dict, PickledObject)) for v in params.values()):
             return _official_sdxl(params, tokens, data, path)
         vectors = {s: _as_matrix(v, path, s) for s, v in params.items()}
         return EmbeddingFile.single(vectors, {s: _token_id(tokens.get(s)) for s in vectors},
-                                    data.get("name"), _optional_int(data.get("step")), "official")
+                                    data.get("name"), _optional_int(data.get("step"), path), "official")
     if set(data) == {"emb_params"}:
         return EmbeddingFile.single({stem: _as_matrix(data["emb_params"], path, stem)}, {stem: None},
-                                    meta.get("name") or stem, _optional_int(meta.get("step")), saved_as)
+                                    meta.get("name") or stem, _optional_int(meta.get("step"), path), saved_as)
     looks_like_diffusers = data and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim in (1, 2) for k, v in data.items()
     )
     if looks_like_diffusers:
         vectors = {k: _as_matrix(v, path, k) for k, v in data.items()}
         return EmbeddingFile.single(vectors, {k: None for k in vectors}, meta.get("name"),
-                                    _optional_int(meta.get("step")), "diffusers")
+                                    _optional_int(meta.get("step"), path), "diffusers")
     raise ValueError(f"{path}: unrecognised embedding layout; keys found: {keys}")
 
 
 def _refuse_xti(path, data):
-    """An XTI (per-layer) file is read by ldm.modules.xti only; every one-set reader refuses it here."""
-    from ldm.modules.xti import describe_xti, read_xti_file, xti_layout
+    """An XTI (per-layer) file is read by read_xti_file only; every one-set reader refuses it here."""
     if xti_layout(data):
-        layers = read_xti_file(path).layers
+        layers = _xti_file(data, path).layers
         raise ValueError(f"{describe_xti(path, layers)}, which an ordinary embedding (one set for all layers) "
                          "cannot hold: sample it with --embedding_path (the scripts switch to per-layer "
                          "conditioning), train with personalization_config target ldm.modules.xti."
@@ -381,34 +414,122 @@ def single_token_lookup(tokenizer="clip"):
     ("clip" for Stable Diffusion, "bert" for the LDM-1.4B model).
     """
     if tokenizer == "clip":
-        from ldm.modules.encoders.clip_tokenizer import load_clip_tokenizer
         tok = load_clip_tokenizer()
     elif tokenizer == "bert":
-        from ldm.modules.encoders.modules import BERTTokenizer
         tok = BERTTokenizer().tokenizer
     else:
         raise ValueError(f"Unknown tokenizer {tokenizer!r}; use 'clip' or 'bert'")
     return functools.partial(single_token_id, lambda string: tok(string, add_special_tokens=False)["input_ids"])
 
 
-class EmbeddingLoadError(ValueError):
-    """--embedding_path could not be used with this model; the message says which file and why."""
+# ---------------------------------------------------------------------------------------------- XTI files
+def layer_order(name):
+    """Sort key putting kohya layer names in UNet order: IN.., MID, OUT.."""
+    return {"IN": 0, "MID": 1, "OUT": 2}[re.match(r"IN|MID|OUT", name).group()], name
 
 
-def load_embeddings(model, paths, placeholder_strings=None, config="the model's config"):
-    """Load embedding files into `model`'s embedding manager (the scripts' --embedding_path), printing the word
-    each concept answers to."""
-    from ldm.modules.xti import read_xti_file, use_xti_manager
-    manager = getattr(model, "embedding_manager", None)
-    if manager is None:
-        raise EmbeddingLoadError(f"{config} has no personalization_config, so it cannot use --embedding_path.")
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    try:
-        if any(read_xti_file(path) is not None for path in paths):  # per-layer vectors need a per-layer manager
-            manager = use_xti_manager(model)
-        loaded = manager.load(paths, placeholder_strings=placeholder_strings)
-    except (ValueError, OSError) as err:  # unreadable file, other model family, name clash, count mismatch
-        raise EmbeddingLoadError(f"Could not load embeddings from {', '.join(map(str, paths))}: {err}") from err
-    for word, path, count in loaded:  # the words to type, which users otherwise have to guess
-        print(f"Embedding {word!r} ({count} vector{'s' if count != 1 else ''}) from {path}")
-    return loaded
+@dataclass
+class XTIFile:
+    vectors: dict  # concept -> float32 [layers, n, d]
+    layers: tuple  # layer names, in the order of the vectors' first axis
+    tokens: dict  # concept -> token id or None
+    name: str = None
+    step: int = None
+    format: str = "official"
+
+
+def xti_layout(data):
+    """Which XTI layout the loaded dict `data` has ("official", "kohya-xti"), or None for other files."""
+    if not isinstance(data, dict) or not data:
+        return None
+    if "string_to_param" in data and "xti_layers" in data:
+        return "official"
+    # every key a kohya layer name: an XTI file even when a layer is missing (load_xti names it), never
+    # one concept per layer
+    if all(_KOHYA_LAYER.fullmatch(str(k)) for k in data):
+        return "kohya-xti"
+    return None
+
+
+def _xti_vectors(tensor, path, key, ndim):
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != ndim:
+        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{path}: XTI entry {key!r} should have {ndim} dimensions, got {got}")
+    check_floating(tensor, path, f"XTI entry {key!r}")
+    tensor = tensor.detach().to(torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{path}: XTI entry {key!r} holds NaN or infinite values (training diverged?)")
+    return tensor
+
+
+def read_xti_file(path):
+    """An XTIFile, or None when `path` is not an XTI embedding (then load_embedding_file reads it)."""
+    path = os.fspath(path)
+    if path.lower().endswith((".png", ".webp", ".jpg", ".jpeg")):
+        return None
+    data = load_checkpoint(path, extra_stand_ins=(PARAMETER_DICT,))
+    return _xti_file(data, path) if xti_layout(data) else None
+
+
+def _xti_file(data, path):
+    """The XTIFile of a loaded dict of an XTI layout (see xti_layout)."""
+    if xti_layout(data) == "official":
+        layers = tuple(str(n) for n in data["xti_layers"])
+        params = _plain_mapping(data["string_to_param"], path, "string_to_param")
+        tokens = _plain_mapping(data.get("string_to_token", {}), path, "string_to_token")
+        vectors = {s: _xti_vectors(v, path, s, 3) for s, v in params.items()}
+        bad = {s: v.shape[0] for s, v in vectors.items() if v.shape[0] != len(layers)}
+        if bad:
+            raise ValueError(f"{path}: xti_layers names {len(layers)} layers but {bad} hold other counts")
+        return XTIFile(vectors, layers, {s: _token_id(tokens.get(s)) for s in vectors}, data.get("name"),
+                       _optional_int(data.get("step"), path), "official")
+    # kohya-xti: {layer name: [n, d]}, one concept named by the file name, as kohya's tools do
+    layers = tuple(sorted(map(str, data), key=layer_order))
+    stacked = torch.stack([_xti_vectors(data[k], path, k, 2) for k in layers])
+    stem = Path(path).stem
+    return XTIFile({stem: stacked}, layers, {stem: None}, stem, None, "kohya-xti")
+
+
+def describe_xti(path, layers):
+    return (f"{path} is an extended textual inversion (XTI / P+) embedding, one vector set for each of "
+            f"{len(layers)} cross-attention layers ({' '.join(layers)})")
+
+
+def save_xti_file(path, vectors, layers, tokens=None, name=None, step=None, fmt="official"):
+    """Write XTI vectors ({concept: [layers, n, d]}) atomically.
+
+    official:  {"string_to_token": {s: tensor(id)}, "string_to_param": {s: [layers, n, d]},
+                "xti_layers": [layer names], "name", "step"}: the official layout with a leading layers axis.
+    kohya-xti: {layer name: [n, d]} (.safetensors or .pt), one concept, as kohya's train_textual_inversion_XTI.py
+               writes it; kohya's loader needs SD v1's 16 layers (IN01 .. OUT11).
+    """
+    path = os.fspath(path)
+    if fmt not in XTI_FORMATS:
+        raise ValueError(f"{path}: an XTI embedding is saved as {' or '.join(XTI_FORMATS)}, not {fmt}")
+    layers = tuple(layers)
+    vectors = {s: v.detach().cpu().float().clone().contiguous() for s, v in vectors.items()}
+    for s, v in vectors.items():
+        if v.ndim != 3 or v.shape[0] != len(layers):
+            raise ValueError(f"Cannot save {path}: {s!r} has shape {tuple(v.shape)}, expected "
+                             f"[{len(layers)} layers, n, d]")
+    if fmt == "official":
+        missing = [s for s in vectors if (tokens or {}).get(s) is None]
+        if missing:
+            raise ValueError(f"The official format stores each placeholder's token id; none given for {missing}")
+        if path.endswith(".safetensors"):
+            raise ValueError(f"The official format is a pickled .pt file; {path} ends in .safetensors")
+        payload = {"string_to_token": {s: torch.tensor(int(tokens[s])) for s in vectors},
+                   "string_to_param": vectors, "xti_layers": list(layers), "name": name,
+                   "step": None if step is None else int(step)}
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        return path
+    if len(vectors) != 1:
+        raise ValueError(f"The kohya-xti format holds one concept per file, got {len(vectors)} "
+                         f"({', '.join(vectors)}): save each concept to its own file.")
+    (stack,) = vectors.values()
+    payload = {layer: stack[i].clone() for i, layer in enumerate(layers)}
+    if path.endswith(".safetensors"):
+        atomic_write(path, lambda tmp: safetensors.torch.save_file(payload, tmp))
+    else:
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path

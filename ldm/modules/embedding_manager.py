@@ -13,8 +13,9 @@ import warnings
 import torch
 from torch import nn
 
-from ldm.modules.embedding_io import ENCODER_KEYS, single_token_id
-from ldm.modules.encoders.base import embedding_key
+from ldm.data.personalized import per_img_token_list
+from ldm.modules.embedding_io import ENCODER_KEYS, load_embedding_file, save_embedding_file, single_token_id
+from ldm.modules.encoders.base import context_length, embedding_key
 
 DEFAULT_PLACEHOLDER_TOKEN = ["*"]
 
@@ -23,7 +24,8 @@ PROGRESSIVE_SCALE = 2000
 
 
 class EmbeddingManager(nn.Module):
-    """Learned embedding vectors for placeholder strings.
+    """Learned embedding vectors for placeholder strings (implements ldm.modules.encoders.base's
+    EmbeddingManagerProtocol).
 
     embedder: a text encoder of ldm.modules.encoders.modules (FrozenCLIPEmbedder or BERTEmbedder).
     placeholder_strings: strings that must each be exactly one token for the embedder's tokenizer.
@@ -35,12 +37,15 @@ class EmbeddingManager(nn.Module):
         counted by `progressive_step`, which the training loop sets to the global step.
     """
 
+    per_layer = False
+
     def __init__(self, embedder, placeholder_strings=None, initializer_words=None, per_image_tokens=False,
                  num_vectors_per_token=1, progressive_words=False):
         super().__init__()
         # A bound method, not a submodule: the embedder's weights belong to the text encoder, not to us.
         self._token_ids_of = embedder.string_to_token_ids
         self.token_dim = embedder.embedding_dim
+        self.max_length = context_length(embedder)
         self.string_to_token_dict = {}  # one-token concepts: string -> tensor(id), as in the original
         self.string_to_token_sequence = {}  # concepts of several tokens: string -> tuple of ids
         self.string_to_param_dict = nn.ParameterDict()
@@ -53,7 +58,6 @@ class EmbeddingManager(nn.Module):
         placeholder_strings = list(placeholder_strings or DEFAULT_PLACEHOLDER_TOKEN)
         num_given = len(placeholder_strings)
         if per_image_tokens:
-            from ldm.data.personalized import per_img_token_list
             placeholder_strings += per_img_token_list
         initializer_words = list(initializer_words or [])
         for idx, string in enumerate(placeholder_strings):
@@ -97,6 +101,11 @@ class EmbeddingManager(nn.Module):
     def _set_placeholder(self, string, token_ids, vectors):
         """Add or replace the vectors of `string`, written as the token ids `token_ids` (an int or a sequence)."""
         ids = (token_ids,) if isinstance(token_ids, int) else tuple(token_ids)
+        room = self.max_length - 2  # a prompt's positions between the start and end tokens
+        if vectors.shape[-2] > room:
+            raise ValueError(f"Placeholder {string!r} has {vectors.shape[-2]} vectors, but a prompt holds at most "
+                             f"{room} (the text encoder reads {self.max_length} positions with its start and end "
+                             "tokens): it can never fit.")
         clash = [s for s, seq in self._token_sequences().items() if s != string and seq == ids]
         if clash:
             raise ValueError(f"Placeholder {string!r} is the same token(s) as placeholder {clash[0]!r} for this "
@@ -126,6 +135,28 @@ class EmbeddingManager(nn.Module):
             if string in text and not any(ids[i:i + n] == seq for i in range(len(ids) - n + 1)):
                 lost.append(string)
         return lost
+
+    def prompt_positions(self, text):
+        """How many positions `text` takes in the text encoder: start and end tokens, its tokens, and the extra
+        positions of each placeholder's vectors beyond its tokens."""
+        ids = tuple(self._token_ids_of(text))
+        extra = 0
+        for string, seq in self._token_sequences().items():
+            n = len(seq)
+            found = sum(ids[i:i + n] == seq for i in range(len(ids) - n + 1))
+            extra += found * (self.string_to_param_dict[string].shape[-2] - n)
+        return len(ids) + extra + 2
+
+    @property
+    def concepts(self):
+        return list(self.string_to_param_dict)
+
+    def manager_for(self, encoder):
+        return self
+
+    def interchange_format(self):
+        """One concept: also the AUTOMATIC1111 layout ({"emb_params"}) the webui, kohya and diffusers read."""
+        return "a1111-safetensors" if len(self.concepts) == 1 else None
 
     @property
     def max_vectors_per_token(self):
@@ -241,10 +272,6 @@ class EmbeddingManager(nn.Module):
     def embedding_parameters(self):
         return self.string_to_param_dict.parameters()
 
-    def get_embedding_norms_squared(self):
-        all_params = torch.cat(list(self.string_to_param_dict.values()), dim=0)  # (total vectors, d)
-        return (all_params * all_params).sum(dim=-1)
-
     def embedding_to_coarse_loss(self):
         """Mean over initialised placeholders of the squared distance of the vectors from their initial values.
 
@@ -261,7 +288,6 @@ class EmbeddingManager(nn.Module):
     def save(self, ckpt_path, step=None, name=None, fmt="official"):
         """Write the official format (plain tensors, loadable with torch.load(weights_only=True)), or another
         format of embedding_io.FORMATS (one concept for the one-concept formats)."""
-        from ldm.modules.embedding_io import save_embedding_file
         strings = list(self.string_to_param_dict)
         if self.string_to_token_sequence:
             raise ValueError(
@@ -283,7 +309,6 @@ class EmbeddingManager(nn.Module):
         ordinary word gets a warning (unless named by `placeholder_strings`), since that word now means the concept.
         Returns (word, file, number of vectors) for each loaded concept.
         """
-        from ldm.modules.embedding_io import load_embedding_file
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
         loaded = [(path, name, vectors) for path in paths
                   for name, vectors in load_embedding_file(path, target_widths=(self.token_dim,)).vectors.items()]
@@ -351,6 +376,8 @@ class MultiEmbeddingManager(nn.Module):
     Other arguments as EmbeddingManager's.
     """
 
+    per_layer = False
+
     def __init__(self, embedders, placeholder_strings=None, initializer_words=None, per_image_tokens=False,
                  num_vectors_per_token=1, progressive_words=False, **kwargs):
         super().__init__()
@@ -367,6 +394,17 @@ class MultiEmbeddingManager(nn.Module):
 
     def manager_for(self, encoder):
         return self.managers[embedding_key(encoder)]
+
+    def encode_tokens(self, encoder, tokens):
+        return self.manager_for(encoder).encode_tokens(encoder, tokens)
+
+    @property
+    def concepts(self):
+        return next(iter(self.managers.values())).concepts
+
+    def interchange_format(self):
+        """One concept: also the {"clip_l", "clip_g"} file AUTOMATIC1111, kohya and diffusers read."""
+        return "a1111-safetensors" if len(self.concepts) == 1 else None
 
     def names_lost_in(self, text):
         """As EmbeddingManager.names_lost_in, over every encoder's tokenizer (a concept lost to either is lost)."""
@@ -390,10 +428,6 @@ class MultiEmbeddingManager(nn.Module):
     def embedding_parameters(self):
         return (param for manager in self.managers.values() for param in manager.embedding_parameters())
 
-    def get_embedding_norms_squared(self):
-        """Squared norms of every vector of every encoder, one flat tensor (the widths differ)."""
-        return torch.cat([manager.get_embedding_norms_squared() for manager in self.managers.values()])
-
     def embedding_to_coarse_loss(self):
         """The sum over encoders of each encoder's regulariser (EmbeddingManager.embedding_to_coarse_loss)."""
         return sum(manager.embedding_to_coarse_loss() for manager in self.managers.values())
@@ -402,7 +436,6 @@ class MultiEmbeddingManager(nn.Module):
     def save(self, ckpt_path, step=None, name=None, fmt="official"):
         """Write every concept, one vector set per encoder: "official" is the project's multi-concept SDXL
         layout; "a1111-safetensors"/"kohya" (one concept) is what AUTOMATIC1111, kohya and diffusers read."""
-        from ldm.modules.embedding_io import save_embedding_file
         first = next(iter(self.managers.values()))
         if first.string_to_token_sequence:
             raise ValueError(
@@ -419,7 +452,6 @@ class MultiEmbeddingManager(nn.Module):
         """Add (or replace) the concepts of SDXL embedding files (any layout embedding_io reads), each encoder's
         vectors into its manager; files of another family are refused naming both. Returns what
         EmbeddingManager.load returns."""
-        from ldm.modules.embedding_io import load_embedding_file
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
         files = [(path, load_embedding_file(path, target_widths=self.widths)) for path in paths]
         result = None

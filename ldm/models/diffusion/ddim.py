@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from ldm.models.diffusion.sampling_util import DDIMScheduleSampler
+from ldm.models.diffusion.ddim_schedule_sampler import DDIMScheduleSampler
 from ldm.modules.diffusionmodules.util import extract_into_tensor
 
 

@@ -13,17 +13,18 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ldm.checkpoint import load_weights
 from ldm.models.autoencoder import VQModelInterface
+from ldm.models.diffusion.generate import generate
 from ldm.models.diffusion.prediction import Prediction
-from ldm.models.diffusion.sdxl_conditioning import conditioner_batch, slice_conditioning, to_model_conditioning
-from ldm.models.diffusion.textual_inversion import TextualInversion, freeze
+from ldm.models.diffusion.conditioning import conditioner_batch, slice_conditioning, to_model_conditioning
+from ldm.models.diffusion.textual_inversion import TextualInversion
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.base import TextEncoder
 from ldm.modules.ema import LitEma
-from ldm.util import count_params, default, exists, instantiate_from_config, log_txt_as_img
+from ldm.util import count_params, default, exists, freeze, instantiate_from_config, log_txt_as_img, parameters_on_meta
 
-__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 V_PREDICTION = Prediction("v")
 
 
@@ -33,10 +34,9 @@ class DDPM(pl.LightningModule):
     def __init__(self, unet_config, timesteps=1000, beta_schedule="linear", loss_type="l2", ckpt_path=None,
                  ignore_keys=(), load_only_unet=False, monitor="val/loss", use_ema=True, first_stage_key="image",
                  image_size=256, channels=3, log_every_t=100, clip_denoised=True, linear_start=1e-4,
-                 linear_end=2e-2, cosine_s=8e-3, given_betas=None, original_elbo_weight=0.,
-                 embedding_reg_weight=0., unfreeze_model=False, model_lr=0., v_posterior=0.,
+                 linear_end=2e-2, cosine_s=8e-3, given_betas=None, original_elbo_weight=0., v_posterior=0.,
                  l_simple_weight=1., conditioning_key=None, parameterization="eps", scheduler_config=None,
-                 use_positional_encodings=False, learn_logvar=False, logvar_init=0., min_timestep=0,
+                 learn_logvar=False, logvar_init=0., min_timestep=0,
                  max_timestep=None, full_range_fraction=0.0):
         super().__init__()
         self.prediction = Prediction(parameterization)
@@ -48,7 +48,6 @@ class DDPM(pl.LightningModule):
         self.first_stage_key = first_stage_key
         self.image_size = image_size
         self.channels = channels
-        self.use_positional_encodings = use_positional_encodings
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
         self.use_ema = use_ema
@@ -61,9 +60,6 @@ class DDPM(pl.LightningModule):
         self.v_posterior = v_posterior
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
-        self.embedding_reg_weight = embedding_reg_weight
-        self.unfreeze_model = unfreeze_model
-        self.model_lr = model_lr
         if monitor is not None:
             self.monitor = monitor
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
@@ -137,7 +133,6 @@ class DDPM(pl.LightningModule):
         return self.model_ema.swapped_in(self.model, context) if self.use_ema else nullcontext()
 
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
-        from ldm.checkpoint import load_weights
         optional = () if only_model else self.optional_weight_keys()
         load_weights(self.model if only_model else self, path, ignore_keys, optional=optional)
 
@@ -271,10 +266,6 @@ class DDPM(pl.LightningModule):
             loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
             loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
             loss = loss + self.original_elbo_weight * loss_vlb
-        if self.embedding_reg_weight > 0 and getattr(self, "embedding_manager", None) is not None:
-            loss_embedding_reg = self.embedding_regularizer()
-            loss_dict[f"{prefix}/loss_emb_reg"] = loss_embedding_reg
-            loss = loss + self.embedding_reg_weight * loss_embedding_reg
         loss_dict[f"{prefix}/loss"] = loss
         return loss, loss_dict
 
@@ -365,42 +356,46 @@ class DDPM(pl.LightningModule):
 class LatentDiffusion(TextualInversion, DDPM):
     """Diffusion on the latents of a frozen first stage, conditioned by a text encoder."""
 
-    def __init__(self, first_stage_config, cond_stage_config=None, personalization_config=None,
-                 num_timesteps_cond=None, cond_stage_key="image", cond_stage_trainable=False, concat_mode=True,
-                 cond_stage_forward=None, conditioning_key=None, scale_factor=1.0, scale_by_std=False,
-                 embedding_manager_ckpt=None, cache_first_stage_latents=True, conditioner_config=None, *args,
-                 **kwargs):
+    def __init__(self, first_stage_config, cond_stage_config=None, num_timesteps_cond=None, cond_stage_key="image",
+                 cond_stage_trainable=False, concat_mode=True, cond_stage_forward=None, conditioning_key=None,
+                 scale_factor=1.0, scale_by_std=False, cache_first_stage_latents=True, conditioner_config=None,
+                 compile_unet=False, *args, **kwargs):
         """`conditioner_config` (SDXL, Stability's name): a GeneralConditioner in place of `cond_stage_config`,
         kept as `self.conditioner` (the official `conditioner.embedders.N.*` keys), with `conditioning_key:
-        crossattn-adm`."""
+        crossattn-adm`. `compile_unet`: see `compile_unet()`."""
         if (cond_stage_config is None) == (conditioner_config is None):
             raise ValueError("LatentDiffusion needs exactly one of cond_stage_config and conditioner_config (SDXL).")
         if conditioner_config is not None and conditioning_key != "crossattn-adm":
             raise ValueError(f"conditioner_config (SDXL) needs conditioning_key: crossattn-adm, not "
                              f"{conditioning_key!r}: its conditioner gives the UNet a context and an ADM vector.")
-        self.num_timesteps_cond = default(num_timesteps_cond, 1)
+        # The official configs pass num_timesteps_cond: 1; more would be the original's shortened conditioning
+        # schedule (`shorten_cond_schedule`), which no official config uses and this code does not have.
+        if num_timesteps_cond not in (None, 1):
+            raise ValueError(f"num_timesteps_cond {num_timesteps_cond}: only 1 (the official configs' value) is "
+                             "supported; remove the key or set it to 1.")
         self.scale_by_std = scale_by_std
-        assert self.num_timesteps_cond <= kwargs.get("timesteps", 1000)
         if conditioning_key is None:  # the original's backwards compatibility
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__":
             conditioning_key = None
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
-        super().__init__(conditioning_key=conditioning_key, *args, **kwargs)
-        self.concat_mode = concat_mode
-        self.cond_stage_trainable = cond_stage_trainable
-        self.cond_stage_key = cond_stage_key
-        if scale_by_std:
-            self.register_buffer("scale_factor", torch.tensor(scale_factor))
-        else:
-            self.scale_factor = scale_factor
-        self.instantiate_first_stage(first_stage_config)
-        self.conditioner = None
-        if conditioner_config is not None:
-            self.conditioner = instantiate_from_config(conditioner_config)
-        else:
-            self.instantiate_cond_stage(cond_stage_config)
+        # The weights a checkpoint fills are built empty and take the file's tensors: never randomly initialised
+        # first, never held twice. Keys left out of the file (ignore_keys) keep a random start instead.
+        with parameters_on_meta() if ckpt_path is not None and not ignore_keys else nullcontext():
+            super().__init__(conditioning_key=conditioning_key, *args, **kwargs)
+            self.cond_stage_trainable = cond_stage_trainable
+            self.cond_stage_key = cond_stage_key
+            if scale_by_std:
+                self.register_buffer("scale_factor", torch.tensor(scale_factor))
+            else:
+                self.scale_factor = scale_factor
+            self.instantiate_first_stage(first_stage_config)
+            self.conditioner = None
+            if conditioner_config is not None:
+                self.conditioner = instantiate_from_config(conditioner_config)
+            else:
+                self.instantiate_cond_stage(cond_stage_config)
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.cache_first_stage_latents = cache_first_stage_latents
@@ -411,9 +406,10 @@ class LatentDiffusion(TextualInversion, DDPM):
             self.init_from_ckpt(ckpt_path, ignore_keys)
             self.restarted_from_ckpt = True
 
-        self.embedding_manager = None
-        if personalization_config is not None:
-            self.setup_textual_inversion(personalization_config, embedding_manager_ckpt)
+        if self.personalization_config is not None:
+            self.setup_textual_inversion()
+        if compile_unet:
+            self.compile_unet()
 
     # ---------------------------------------------------------------- components
     def instantiate_first_stage(self, config):
@@ -429,6 +425,11 @@ class LatentDiffusion(TextualInversion, DDPM):
         else:
             model = instantiate_from_config(config)
             self.cond_stage_model = model if self.cond_stage_trainable else freeze(model)
+
+    def compile_unet(self):
+        """torch.compile the UNet in place (its state dict keys stay as they are): the first calls at each new
+        input shape compile (tens of seconds on a CPU), later calls run the compiled code (docs/benchmarks.md)."""
+        self.model.diffusion_model.compile()
 
     def text_encoders_module(self):
         """The module holding the text encoder(s): what textual inversion freezes and hands to its manager."""
@@ -506,12 +507,14 @@ class LatentDiffusion(TextualInversion, DDPM):
         """
         if keys is None or not self.cache_first_stage_latents:
             return self.encode_first_stage(x)
-        missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
-        if missing:
-            out = self.encode_first_stage(x[missing])
-            gaussian = isinstance(out, DiagonalGaussianDistribution)
-            for i, m in zip(missing, out.parameters if gaussian else out):
-                self._latent_cache[keys[i]] = (m, gaussian)
+        # One image at a time: a convolution's result differs in the last bits with the batch's size and companions
+        # (1.1e-6 on the tiny autoencoder), and a resumed run, whose cache starts empty, would encode other batches
+        # than the run it continues: the one difference left between a resumed and an uninterrupted run.
+        for i, key in enumerate(keys):
+            if key not in self._latent_cache:
+                out = self.encode_first_stage(x[i:i + 1])
+                gaussian = isinstance(out, DiagonalGaussianDistribution)
+                self._latent_cache[key] = ((out.parameters if gaussian else out)[0], gaussian)
         entries = [self._latent_cache[k] for k in keys]
         stacked = torch.stack([m for m, _ in entries])
         return DiagonalGaussianDistribution(stacked) if entries[0][1] else stacked
@@ -567,11 +570,7 @@ class LatentDiffusion(TextualInversion, DDPM):
         return self.p_losses(x, t, c, *args, **kwargs)
 
     def apply_model(self, x_noisy, t, cond, return_ids=False):
-        if not isinstance(cond, dict):
-            if not isinstance(cond, list):
-                cond = [cond]
-            cond = {__conditioning_keys__.get(self.model.conditioning_key, "c_crossattn"): cond}
-        x_recon = self.model(x_noisy, t, **cond)
+        x_recon = self.model(x_noisy, t, **self.model.keyword_conditioning(cond))
         return x_recon[0] if isinstance(x_recon, tuple) and not return_ids else x_recon
 
     # --------------------------------------------------------------- lightning
@@ -590,9 +589,7 @@ class LatentDiffusion(TextualInversion, DDPM):
             unet.convert_torso(dtype)
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self.embedding_manager is not None:
-            # progressive words count optimizer steps (the original counted forward calls)
-            self.embedding_manager.progressive_step = self.global_step
+        super().on_train_batch_start(batch, batch_idx)  # textual inversion's progressive words
         if self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0 \
                 and not self.restarted_from_ckpt:
             assert self.scale_factor == 1., "rather not use custom rescaling and std-rescaling simultaneously"
@@ -647,7 +644,6 @@ class LatentDiffusion(TextualInversion, DDPM):
         `validation_prompts` (`samples_validation_<i>`, `i` its place in the list). Guidance steers away from
         `negative_prompt` (default: the empty prompt). `sampler` names any sampler of
         `ldm.models.diffusion.generate.SAMPLERS` (`ddim_steps` steps; `ddim_eta` applies to DDIM only)."""
-        from ldm.models.diffusion.generate import generate
         _, _, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
                                            force_c_encode=True, return_original_cond=True, bs=N)
         N = x.shape[0]
@@ -674,24 +670,37 @@ class LatentDiffusion(TextualInversion, DDPM):
 
 
 class DiffusionWrapper(pl.LightningModule):
-    """Holds the UNet under the official key `model.diffusion_model` and routes the conditioning to it."""
+    """Holds the UNet under the official key `model.diffusion_model` and routes the conditioning to it: the one
+    place that knows what each `conditioning_key` feeds the UNet (ldm.models.diffusion.conditioning)."""
+
+    # conditioning_key -> which inputs it feeds: (channels concatenated to x, cross-attention context, ADM vector y)
+    ROUTES = {None: (False, False, False), "concat": (True, False, False), "crossattn": (False, True, False),
+              "hybrid": (True, True, False), "adm": (False, False, True), "crossattn-adm": (False, True, True)}
 
     def __init__(self, diff_model_config, conditioning_key):
         super().__init__()
         self.diffusion_model = instantiate_from_config(diff_model_config)
-        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm", "crossattn-adm"):
-            raise ValueError(f"unknown conditioning_key {conditioning_key!r}")
+        if conditioning_key not in self.ROUTES:
+            raise ValueError(f"unknown conditioning_key {conditioning_key!r}; use one of "
+                             f"{', '.join(map(str, self.ROUTES))}")
         self.conditioning_key = conditioning_key
 
+    def keyword_conditioning(self, cond):
+        """A conditioning (a tensor, a list of them, or a dict of forward's keywords) as forward's keywords:
+        a bare one is the concatenated input for `concat`, the cross-attention context (or, for `adm`, the
+        original's way, the ADM vector) otherwise."""
+        if isinstance(cond, dict):
+            return cond
+        return {"c_concat" if self.conditioning_key == "concat" else "c_crossattn":
+                cond if isinstance(cond, list) else [cond]}
+
     def forward(self, x, t, c_concat=None, c_crossattn=None, y=None):
-        if self.conditioning_key is None:
-            return self.diffusion_model(x, t)
-        if self.conditioning_key == "concat":
-            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t)
-        if self.conditioning_key == "crossattn":
-            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
-        if self.conditioning_key == "hybrid":
-            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t, context=torch.cat(c_crossattn, 1))
-        if self.conditioning_key == "crossattn-adm":  # SDXL: text context and the ADM vector
-            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), y=y)
-        return self.diffusion_model(x, t, y=c_crossattn[0] if y is None else y)  # adm
+        concat, crossattn, adm = self.ROUTES[self.conditioning_key]
+        kwargs = {}
+        if concat:
+            x = torch.cat([x] + c_concat, dim=1)
+        if crossattn:
+            kwargs["context"] = torch.cat(c_crossattn, 1)
+        if adm:  # SDXL passes y beside its context; the original's adm passed it as c_crossattn
+            kwargs["y"] = c_crossattn[0] if y is None and not crossattn else y
+        return self.diffusion_model(x, t, **kwargs)

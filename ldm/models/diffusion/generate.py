@@ -7,9 +7,10 @@ from typing import Callable
 import torch
 
 from ldm.models.diffusion import sampling
+from ldm.models.diffusion.conditioning import check_batch_size
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.ddim_schedule_sampler import record_step
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.sampling_util import conditioning_batch_size
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ class KSampler:
 
         x_T is standard normal noise (as for DDIM): it is scaled to the first noise level here.
         """
-        if conditioning is not None and conditioning_batch_size(conditioning) != batch_size:
-            raise ValueError(f"got {conditioning_batch_size(conditioning)} conditionings for a batch of {batch_size}")
+        check_batch_size(conditioning, batch_size)
         device = self.model.betas.device
         denoiser = sampling.Denoiser(self.model, conditioning, unconditional_conditioning,
                                      unconditional_guidance_scale, quantize=self.spec.quantize)
@@ -71,13 +71,7 @@ class KSampler:
         intermediates = {"x_inter": [start], "pred_x0": [start]}
 
         def report(i, x, denoised):
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(denoised, i)
-            if i % log_every_t == 0 or i == S - 1:
-                intermediates["x_inter"].append(x)
-                intermediates["pred_x0"].append(denoised)
+            record_step(intermediates, i, x, denoised, i % log_every_t == 0 or i == S - 1, callback, img_callback)
 
         args = [denoiser, x, sigmas]
         if self.spec.noise == "brownian":

@@ -5,7 +5,7 @@ noise estimates; the very first step, which has no history, uses a pseudo improv
 """
 import torch
 
-from ldm.models.diffusion.sampling_util import DDIMScheduleSampler
+from ldm.models.diffusion.ddim_schedule_sampler import DDIMScheduleSampler
 
 # Adams-Bashforth weights for the current estimate followed by the previous ones, newest first.
 ADAMS_BASHFORTH = {

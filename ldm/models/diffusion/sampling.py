@@ -22,7 +22,8 @@ import math
 import numpy as np
 import torch
 
-from ldm.models.diffusion.sampling_util import cat_conditioning, model_dtype
+from ldm.models.diffusion.conditioning import guided_output
+from ldm.util import model_dtype
 
 
 # ------------------------------------------------------------------------------------------- the denoiser
@@ -31,8 +32,7 @@ class Denoiser:
 
     The model sees x / sqrt(sigma^2 + 1) (the DDPM sample of the same noise level) at the timestep whose
     sigma this is, interpolated in log sigma between the trained timesteps (`quantize` rounds it to the
-    nearest trained one, as diffusers' multistep solvers do). Guidance runs the conditional and the
-    unconditional branch in one batched model call.
+    nearest trained one, as diffusers' multistep solvers do). Guidance: conditioning.guided_output.
     """
 
     def __init__(self, model, cond, uncond=None, scale=1.0, quantize=False):
@@ -59,11 +59,7 @@ class Denoiser:
 
     def model_output(self, x, t):
         t = torch.full((x.shape[0],), t, device=x.device)
-        if self.uncond is None or self.scale == 1.0:
-            return self.model.apply_model(x, t, self.cond).float()
-        out_uncond, out_cond = self.model.apply_model(
-            torch.cat([x] * 2), torch.cat([t] * 2), cat_conditioning(self.uncond, self.cond)).float().chunk(2)
-        return out_uncond + self.scale * (out_cond - out_uncond)
+        return guided_output(self.model, x, t, self.cond, self.uncond, self.scale)
 
     def __call__(self, x, sigma):
         c_in = 1 / math.sqrt(sigma ** 2 + 1)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.xti import check_layer_contexts, number_cross_attention_layers
+from ldm.modules.diffusionmodules.layer_contexts import check_layer_contexts, number_cross_attention_layers
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
@@ -26,6 +26,10 @@ from ldm.modules.diffusionmodules.util import (
 def compute_layers(module):
     """The layers that carry the compute (convs, linears); norms stay float32 for stability."""
     return [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+
+
+def norm_layers(module):
+    return [m for m in module.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
 
 
 class TimestepBlock(nn.Module):
@@ -386,14 +390,17 @@ class UNetModel(nn.Module):
     def _torso(self):
         return self.input_blocks, self.middle_block, self.output_blocks
 
-    def convert_torso(self, dtype):
+    def convert_torso(self, dtype, norms=False):
         """Store the torso's convs and linears in `dtype` and run the torso in it (norms stay float32).
 
         For a frozen UNet under bf16/fp16 autocast this removes the cast of every weight on every call (autocast
-        caches casts only for weights that require grad) and halves the weights' memory.
+        caches casts only for weights that require grad) and halves the weights' memory. `norms` (bf16 sampling):
+        the group and layer norms too, so that no activation is cast to float32 and back around each norm; the
+        torso then computes what diffusers' UNet cast to bf16 computes (the norms' statistics are still
+        accumulated in float32 by PyTorch's kernels).
         """
         for part in self._torso():
-            for layer in compute_layers(part):
+            for layer in compute_layers(part) + (norm_layers(part) if norms else []):
                 layer.to(dtype)
         self.dtype = dtype
 
@@ -408,7 +415,7 @@ class UNetModel(nn.Module):
         :param x: (N, C, ...) noisy inputs.
         :param timesteps: (N,) timesteps.
         :param context: (N, L, context_dim) conditioning for cross-attention, or (N, layers, L, context_dim): one
-            context per cross-attention layer, in the order of `cross_attention_layer_names` (XTI, ldm.modules.xti).
+            context per cross-attention layer, in the order of `cross_attention_layer_names` (XTI, layer_contexts).
         :param y: (N,) class labels, if class-conditional; (N, adm_in_channels) for `num_classes: "sequential"`.
         :return: (N, out_channels, ...) outputs (or codebook logits with n_embed).
         """

@@ -90,10 +90,12 @@ def zero_module(module):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (and cast back), as the original does for fp16 stability."""
+    """GroupNorm computed in float32 (and cast back), as the original does for fp16 stability; in bf16 (float32's
+    range) when its weights are stored in bf16 (`UNetModel.convert_torso(..., norms=True)`)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        dtype = torch.bfloat16 if self.weight.dtype == torch.bfloat16 else torch.float32
+        return super().forward(x.to(dtype)).type(x.dtype)
 
 
 def normalization(channels):

@@ -1,4 +1,6 @@
-"""The text-encoder interface: what the EmbeddingManager and LatentDiffusion need from a text encoder.
+"""The two interfaces of textual inversion: what the embedding managers and LatentDiffusion need from a text
+encoder (`TextEncoder`), and what LatentDiffusion, the scripts and the callbacks need from an embedding manager
+(`EmbeddingManagerProtocol`).
 
 It is a runtime-checkable `typing.Protocol`, not a base class, because the encoders that already exist
 (FrozenCLIPEmbedder, BERTEmbedder) and any encoder a user names with `target:` in a YAML config satisfy it by
@@ -6,7 +8,7 @@ shape alone, without inheriting from us. `isinstance(encoder, TextEncoder)` chec
 signatures), enough for the code that instantiates a config to refuse a wrong class with a clear message.
 
 Two facts about an encoder are derived rather than required, so the existing encoders need no change:
-`is_single_token` (a placeholder must be exactly one token) and `embedding_key` (the key of this encoder's
+`context_length` (positions per prompt) and `embedding_key` (the key of this encoder's
 vectors in an embedding file: "clip_l"/"clip_g" for the two encoders of SDXL, None for the one-encoder layout
 `string_to_param` of SD v1, SD 2.x and LDM).
 """
@@ -32,9 +34,51 @@ class TextEncoder(Protocol):
         """Ids of `string` without start/end tokens."""
 
 
-def is_single_token(encoder: TextEncoder, string: str) -> bool:
-    """Whether `string` is exactly one token for `encoder`'s tokenizer (a placeholder must be)."""
-    return len(encoder.string_to_token_ids(string)) == 1
+@runtime_checkable
+class EmbeddingManagerProtocol(Protocol):
+    """An embedding manager: the learned vectors of textual inversion, spliced into a prompt's token embeddings.
+
+    Implemented by EmbeddingManager (one text encoder), XTIEmbeddingManager (one vector set per cross-attention
+    layer) and MultiEmbeddingManager (one EmbeddingManager per text encoder, SDXL); nothing tells them apart
+    but these members. A manager named by `personalization_config.target` must provide them too.
+    """
+    per_layer: bool  # class attribute: one context per cross-attention layer (it is built with the UNet)
+    progressive_step: Optional[int]  # the global step, set by the training loop (progressive_words)
+
+    @property
+    def concepts(self) -> list:
+        """The concept strings, in order (the first is the one `log_images` samples)."""
+
+    def manager_for(self, encoder):
+        """The module `encoder` calls right after its token-embedding lookup (see TextEncoder.encode_tokens)."""
+
+    def encode_tokens(self, encoder, tokens):
+        """The conditioning of token ids `tokens` from `encoder.tokenize`, with the learned vectors spliced in."""
+
+    def names_lost_in(self, text) -> list:
+        """Concepts written in `text` whose tokens its tokenization hides, so the prompt will not use them."""
+
+    def load(self, paths, placeholder_strings=None) -> list:
+        """Add the concepts of embedding files; returns (word, file, number of vectors) for each."""
+
+    def save(self, path, step=None, name=None, fmt="official"):
+        """Write every concept to `path` in format `fmt` (ldm.modules.embedding_io)."""
+
+    def interchange_format(self) -> Optional[str]:
+        """The format other tools read, written beside embeddings.pt as embeddings.safetensors, or None when
+        the official file is what they read."""
+
+    def embedding_parameters(self):
+        """The trainable vectors."""
+
+    def embedding_to_coarse_loss(self):
+        """The regulariser: distance of the vectors from their initial values."""
+
+
+def context_length(encoder: TextEncoder) -> int:
+    """Positions `encoder` reads per prompt, start and end tokens included (its `max_length`; 77, CLIP's, when
+    it does not say)."""
+    return getattr(encoder, "max_length", 77)
 
 
 def embedding_key(encoder: TextEncoder) -> Optional[str]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.modules.encoders.base import TextEncoder
-from ldm.util import instantiate_from_config
+from ldm.util import freeze, instantiate_from_config
 
 OUTPUT_DIM2KEYS = {2: "vector", 3: "crossattn", 4: "concat", 5: "concat"}
 KEY2CATDIM = {"vector": 1, "crossattn": 2, "concat": 1}
@@ -41,11 +41,6 @@ class ConcatTimestepEmbedderND(nn.Module):
         return timestep_embedding(x.reshape(b * k), self.outdim).reshape(b, k * self.outdim)
 
 
-def _disabled_train(self, mode=True):
-    """Frozen embedders stay in eval mode whatever the parent's train()."""
-    return self
-
-
 class GeneralConditioner(nn.Module):
     """The embedders of `emb_models` over a batch dict; returns {"crossattn", "vector", "concat"} as present."""
 
@@ -64,12 +59,7 @@ class GeneralConditioner(nn.Module):
             else:
                 raise ValueError(f"GeneralConditioner: emb_models[{n}] ({config.get('target')}) needs input_key or "
                                  "input_keys, the batch key(s) it reads.")
-            if not embedder.is_trainable:
-                embedder.eval()  # before train() is disabled: eval() calls it
-                embedder.train = _disabled_train.__get__(embedder)
-                for param in embedder.parameters():
-                    param.requires_grad = False
-            embedders.append(embedder)
+            embedders.append(embedder if embedder.is_trainable else freeze(embedder))
         self.embedders = nn.ModuleList(embedders)
 
     @property
@@ -87,9 +77,7 @@ class GeneralConditioner(nn.Module):
         if embedder.legacy_ucg_val is not None and embedder.ucg_rate > 0:
             inputs = [self._text_with_legacy_ucg(embedder, inputs[0])] + inputs[1:]
         if embedding_manager is not None and isinstance(embedder, TextEncoder):
-            manager = (embedding_manager.manager_for(embedder) if hasattr(embedding_manager, "manager_for")
-                       else embedding_manager)
-            return embedder(*inputs, embedding_manager=manager)
+            return embedder(*inputs, embedding_manager=embedding_manager.manager_for(embedder))
         with torch.set_grad_enabled(embedder.is_trainable and torch.is_grad_enabled()):
             return embedder(*inputs)
 

@@ -104,6 +104,7 @@ class BERTEmbedder(AbstractEncoder):
                  embedding_dropout=0.0):
         super().__init__()
         self.use_tknz_fn = use_tokenizer
+        self.max_length = max_seq_len
         if use_tokenizer:
             self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len)
         self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
@@ -124,7 +125,7 @@ class BERTEmbedder(AbstractEncoder):
 
     def string_to_token_ids(self, string):
         """Ids of `string` without [CLS]/[SEP]."""
-        return self.tknz_fn.tokenizer(string, add_special_tokens=False)["input_ids"]
+        return self.tknz_fn.tokenizer(string, add_special_tokens=False, verbose=False)["input_ids"]
 
     def tokenize(self, text):
         return self.tknz_fn(text).to(self.device) if self.use_tknz_fn else text.to(self.device)
@@ -281,8 +282,8 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         return self.text_model.embeddings.token_embedding
 
     def string_to_token_ids(self, string):
-        """Ids of `string` without the start/end tokens."""
-        return self.tokenizer(string, add_special_tokens=False)["input_ids"]
+        """Ids of `string` without the start/end tokens, however long (prompt_positions reports a cut)."""
+        return self.tokenizer(string, add_special_tokens=False, verbose=False)["input_ids"]
 
     def tokenize(self, text):
         """Token ids (b, max_length): start token, text, end token, padded with the end token."""

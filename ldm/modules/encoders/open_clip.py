@@ -187,7 +187,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     def string_to_token_ids(self, string):
         """Ids of `string` without the start/end tokens."""
-        return self.tokenizer(string, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(string, add_special_tokens=False, verbose=False)["input_ids"]
 
     def tokenize(self, text):
         """Token ids (b, max_length) as OpenCLIP's tokenize: start, text, end (kept on truncation), then zeros."""

@@ -1,4 +1,5 @@
-"""What the DDIM and PLMS samplers share: the sub-sampled schedule, the guided model call and the DDIM update.
+"""DDIMScheduleSampler, the base class of DDIMSampler and PLMSSampler: the sub-sampled schedule, the guided noise
+estimate and the DDIM update they share.
 
 Both samplers walk the same sub-sequence of the model's timesteps and differ only in which noise
 estimate they feed the DDIM update (Song et al. 2020, eq. 12): DDIM the current one, PLMS a
@@ -8,36 +9,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ldm.models.diffusion.conditioning import check_batch_size, guided_output
 from ldm.modules.diffusionmodules.util import (extract_into_tensor, make_ddim_sampling_parameters,
                                                make_ddim_timesteps, noise_like)
-from ldm.modules.xti import broadcast_to_layers
+from ldm.util import model_dtype
 
 
-def cat_conditioning(uncond, cond):
-    """Stack unconditional and conditional inputs along the batch, for tensors, lists and dicts of them."""
-    if isinstance(cond, dict):
-        return {k: cat_conditioning(uncond[k], cond[k]) for k in cond}
-    if isinstance(cond, (list, tuple)):
-        return [cat_conditioning(u, c) for u, c in zip(uncond, cond)]
-    if uncond.ndim + 1 == cond.ndim == 4:  # per-layer (XTI) cond: the plain uncond serves every layer
-        uncond = broadcast_to_layers(uncond, cond.shape[1])
-    return torch.cat([uncond, cond])
-
-
-def conditioning_batch_size(cond):
-    if isinstance(cond, dict):
-        cond = next(iter(cond.values()))
-    if isinstance(cond, (list, tuple)):
-        cond = cond[0]
-    return cond.shape[0] if isinstance(cond, torch.Tensor) else len(cond)
-
-
-def model_dtype(model):
-    """The dtype the model computes in: that of its first floating-point parameter (float32 if it has none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+def record_step(intermediates, i, x, pred_x0, keep, callback=None, img_callback=None):
+    """Every sampler's progress hooks after step i: callback(i), img_callback(x0 estimate, i), and, where `keep`,
+    x and the x0 estimate appended to `intermediates`."""
+    if callback:
+        callback(i)
+    if img_callback:
+        img_callback(pred_x0, i)
+    if keep:
+        intermediates["x_inter"].append(x)
+        intermediates["pred_x0"].append(pred_x0)
 
 
 class DDIMScheduleSampler:
@@ -95,17 +82,11 @@ class DDIMScheduleSampler:
 
     def model_eps(self, x, t, c, unconditional_guidance_scale=1., unconditional_conditioning=None,
                   score_corrector=None, corrector_kwargs=None):
-        """The model's (guided) noise estimate at (x, t); x0 and v outputs are converted to eps."""
-        if unconditional_conditioning is None or unconditional_guidance_scale == 1.:
-            out = self.model.apply_model(x, t, c)
-        else:
-            # One batched call for both branches, as the original: half the kernel launches of two calls.
-            out_uncond, out_cond = self.model.apply_model(
-                torch.cat([x] * 2), torch.cat([t] * 2), cat_conditioning(unconditional_conditioning, c)).chunk(2)
-            out = out_uncond + unconditional_guidance_scale * (out_cond - out_uncond)
+        """The model's (guided, float32) noise estimate at (x, t); x0 and v outputs are converted to eps."""
+        out = guided_output(self.model, x, t, c, unconditional_conditioning, unconditional_guidance_scale)
         if self.model.prediction.kind != "eps":  # x0 and v outputs: DDIM/PLMS step with the noise they imply
             a_t = extract_into_tensor(self.alphas_cumprod, t, x.shape)
-            out = self.model.prediction.to_eps(x.float(), out.float(), a_t)
+            out = self.model.prediction.to_eps(x.float(), out, a_t)
         if score_corrector is not None:
             out = score_corrector.modify_score(self.model, out, x, t, c, **(corrector_kwargs or {}))
         return out
@@ -144,8 +125,7 @@ class DDIMScheduleSampler:
         an error, not silently dropped guidance); the sampler subclass supplies the per-step update through
         `stepper`.
         """
-        if conditioning is not None and conditioning_batch_size(conditioning) != batch_size:
-            print(f"Warning: Got {conditioning_batch_size(conditioning)} conditionings but batch-size is {batch_size}")
+        check_batch_size(conditioning, batch_size)
         self.generator = generator
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         size = (batch_size, *shape)
@@ -183,11 +163,6 @@ class DDIMScheduleSampler:
                     raise ValueError("A mask needs the known image x0.")
                 x = self.model.q_sample(x0, t, noise=self.randn(x0.shape)) * mask + (1. - mask) * x
             x, pred_x0 = step(x, t, t_next, index)
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(x)
-                intermediates["pred_x0"].append(pred_x0)
+            record_step(intermediates, i, x, pred_x0, index % log_every_t == 0 or index == total - 1, callback,
+                        img_callback)
         return x, intermediates

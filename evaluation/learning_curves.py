@@ -1,8 +1,9 @@
 """Learning curves of textual inversion: how well the learned word draws the concept, step by step.
 
 `LearningCurve` is a Lightning callback (enable it under `lightning.callbacks` with
-`target: ldm.learning_curves.LearningCurve`). Every `every_n_steps` optimizer steps, and before the first and
-after the last, it samples the prompt with the learned word (a fixed seed, a few samples, a few DDIM steps)
+`target: evaluation.learning_curves.LearningCurve`; it lives beside the evaluators it applies, so that ldm/
+never imports evaluation/). Every `every_n_steps` optimizer steps, and before the first and after the last, it
+samples the prompt with the learned word (a fixed seed, a few samples, a few DDIM steps)
 and scores the samples:
 
 - toy shapes model: the toy evaluator's match rates (colour, shape, size, region and all of them) against
@@ -25,6 +26,10 @@ from PIL import Image, ImageDraw
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from evaluation import sample_images, shapes_eval, shapes_v2_eval
+from evaluation.clip_eval import CLIPEvaluator, strip_placeholders
+from evaluation.shapes_eval import LARGE_SIDE, MEDIUM_SIDES, QUADRANTS, SMALL_SIDE, analyse_image
+from ldm.data.image_ops import load_rgb
 from ldm.util import load_font
 
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207),
@@ -107,7 +112,6 @@ def plot_curves(series, path=None, title="", x_label="step", y_label="", y_range
 
 
 def _size_word(sides):
-    from evaluation.shapes_eval import LARGE_SIDE, MEDIUM_SIDES, SMALL_SIDE
     if all(s >= LARGE_SIDE for s in sides):
         return "large"
     if all(MEDIUM_SIDES[0] <= s <= MEDIUM_SIDES[1] for s in sides):
@@ -120,8 +124,7 @@ def _size_word(sides):
 def toy_v2_target_of(images):
     """World v2's target words that all the images share: hue, pattern and shape where they agree, and a size, a row
     or a column (a centred one only with the other) shared by all."""
-    from evaluation.shapes_v2_eval import analyse_image
-    analyses = [analyse_image(image) for image in images]
+    analyses = [shapes_v2_eval.analyse_image(image) for image in images]
     shared = {key: analyses[0][key] for key in ("hue", "pattern", "shape", "size", "row", "column")
               if len({a[key] for a in analyses}) == 1 and analyses[0][key] != "none"}
     words = [shared[key] for key in ("hue", "pattern", "shape", "size") if key in shared]
@@ -135,7 +138,6 @@ def toy_v2_target_of(images):
 def toy_target_of(images):
     """The toy target that all the images share ("magenta triangle large top"): one colour, one shape, one size
     class and the most specific region (a quadrant, else the centre, else a half) common to all, where they agree."""
-    from evaluation.shapes_eval import QUADRANTS, analyse_image
     analyses = [analyse_image(image) for image in images]
     words = []
     for key in ("colour", "shape"):
@@ -185,15 +187,15 @@ class LearningCurve(Callback):
         manager = getattr(pl_module, "embedding_manager", None)
         if stage != "fit" or trainer.global_rank != 0:
             return
-        if manager is None or not manager.string_to_token_dict:
+        if manager is None or not manager.concepts:
             rank_zero_info("LearningCurve: the model has no embedding manager; no learning curve.")
             return
         if not (self.toy_target or self.clip_dir):
             rank_zero_info("LearningCurve: neither toy_target nor clip_dir is set; no learning curve.")
             return
-        self.placeholder = next(iter(manager.string_to_token_dict))
+        self.placeholder = manager.concepts[0]
         self.prompt = self.prompt_template.format(self.placeholder)
-        self.concept_images = [Image.open(p).convert("RGB") for p in self._training_image_paths(trainer)]
+        self.concept_images = [load_rgb(p) for p in self._training_image_paths(trainer)]
         if not self.concept_images and (self.toy_target == "auto" or not self.toy_target):
             rank_zero_info("LearningCurve: the training dataset lists no image files to compare with; "
                            "no learning curve.")
@@ -216,7 +218,6 @@ class LearningCurve(Callback):
 
     def evaluator(self):
         """The toy world's evaluator module (both have parse_target and evaluate_images)."""
-        from evaluation import shapes_eval, shapes_v2_eval
         return shapes_v2_eval if self.toy_world == "v2" else shapes_eval
 
     @staticmethod
@@ -230,14 +231,12 @@ class LearningCurve(Callback):
         if self.toy_target:
             result = self.evaluator().evaluate_images(list(images), self.target)
             return {"joint": result["joint"], **result["rates"]}
-        from evaluation.clip_eval import CLIPEvaluator, strip_placeholders
         self.clip = self.clip or CLIPEvaluator(self.clip_dir, device=device)
         return {"clip_img": self.clip.img_to_img_similarity(self.concept_images, images),
                 "clip_txt": self.clip.txt_to_img_similarity(strip_placeholders(self.prompt, [self.placeholder]),
                                                             images)}
 
     def measure(self, trainer, pl_module):
-        from evaluation import sample_images
         step = trainer.global_step
         if not self.enabled or any(h["step"] == step for h in self.history):
             return
