@@ -14,19 +14,19 @@ import os
 import sys
 
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluation.shapes_v2_eval import ATTRIBUTES, analyse_image, target_of  # noqa: E402
+from ldm.config_trust import load_trusted_config  # noqa: E402
 from ldm.data.shapes_v2 import ShapesV2Dataset  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 
-def load_autoencoder(config, ckpt):
+def load_autoencoder(config, ckpt, trust=False):
     """The first stage the config describes (an autoencoder config, or an LDM config's first_stage_config),
     filled from ckpt (an exported .safetensors or a Lightning last.ckpt)."""
-    params = OmegaConf.load(config).model
+    params = load_trusted_config(config, trust).model
     if "first_stage_config" in params.params:
         params = params.params.first_stage_config
     params.params.lossconfig = {"target": "torch.nn.Identity"}
@@ -66,13 +66,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/toy/autoencoder-kl-f4-v2.yaml",
                    help="an autoencoder config or an LDM config (its first stage is used)")
+    p.add_argument("--trust_config", action="store_true",
+                   help="allow --config to name targets outside this project's modules (configs are code)")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n", type=int, default=256, help="validation images")
     opt = p.parse_args(argv)
     for path in (opt.config, opt.ckpt):
         if not os.path.isfile(path):
             raise SystemExit(f"{path} not found")
-    result = score(load_autoencoder(opt.config, opt.ckpt), opt.n)
+    result = score(load_autoencoder(opt.config, opt.ckpt, opt.trust_config), opt.n)
     print(f"{opt.ckpt}: {opt.n} world-v2 validation images, L1 {result['l1']:.4f}; read right: "
           + "  ".join(f"{key} {result[key]:.3f}" for key in ATTRIBUTES + ("all",))
           + f"; latent scale factor {result['scale_factor']:.5f}")
