@@ -16,10 +16,11 @@ import os
 
 from omegaconf import OmegaConf
 
-from ldm.lr_scheduler import PEER_SCHEDULES, LambdaPeerScheduler, parse_step_rates
-from ldm.txt2img_common import read_prompts
 from ldm.data.image_ops import background_colour
 from ldm.data.personalized import CROP_MODES, LEARNABLE_PROPERTIES, read_templates
+from ldm.lr_scheduler import PEER_SCHEDULES, LambdaPeerScheduler, parse_step_rates
+from ldm.txt2img_common import read_prompts
+from ldm.util import instantiate_from_config
 
 IMAGE_LOGGER = "callbacks.image_logger.params"
 
@@ -192,7 +193,6 @@ def describe_learning_rate(model, config, scale_lr, factors):
     scheduler = config.model.params.get("scheduler_config")
     if scheduler is None:
         return line + ", constant."
-    from ldm.util import instantiate_from_config
     schedule = instantiate_from_config(scheduler)
     described = type(schedule).__str__ is not object.__str__  # the original's schedules only have a class name
     return line + f", schedule: {schedule if described else scheduler.target}."
