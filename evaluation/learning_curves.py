@@ -7,7 +7,9 @@ samples the prompt with the learned word (a fixed seed, a few samples, a few DDI
 and scores the samples:
 
 - toy shapes model: the toy evaluator's match rates (colour, shape, size, region and all of them) against
-  `toy_target`, e.g. "magenta triangle large top", or "auto": what the training images all share;
+  `toy_target`, e.g. "magenta triangle large top", or "auto": what the training images all share; with
+  `toy_world: v2`, world v2's evaluator (`evaluation/shapes_v2_eval.py`: hue, shape, pattern, size, row,
+  column), e.g. "orange striped circle";
 - a real model: the paper's CLIP similarities (image-image to the training images, text-image to the prompt
   without the placeholder) with the CLIP model in the local directory `clip_dir`;
 - neither given: it says so in one line and does nothing.
@@ -24,10 +26,9 @@ from PIL import Image, ImageDraw
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from evaluation import sample_images
+from evaluation import sample_images, shapes_eval, shapes_v2_eval
 from evaluation.clip_eval import CLIPEvaluator, strip_placeholders
-from evaluation.shapes_eval import (LARGE_SIDE, MEDIUM_SIDES, QUADRANTS, SMALL_SIDE, analyse_image, evaluate_images,
-                                   parse_target)
+from evaluation.shapes_eval import LARGE_SIDE, MEDIUM_SIDES, QUADRANTS, SMALL_SIDE, analyse_image
 from ldm.data.image_ops import load_rgb
 from ldm.util import load_font
 
@@ -120,6 +121,20 @@ def _size_word(sides):
     return None
 
 
+def toy_v2_target_of(images):
+    """World v2's target words that all the images share: hue, pattern and shape where they agree, and a size, a row
+    or a column (a centred one only with the other) shared by all."""
+    analyses = [shapes_v2_eval.analyse_image(image) for image in images]
+    shared = {key: analyses[0][key] for key in ("hue", "pattern", "shape", "size", "row", "column")
+              if len({a[key] for a in analyses}) == 1 and analyses[0][key] != "none"}
+    words = [shared[key] for key in ("hue", "pattern", "shape", "size") if key in shared]
+    if shared.get("row") == shared.get("column") == "centre":
+        words.append("centre")
+    else:
+        words += [shared[key] for key in ("row", "column") if shared.get(key, "centre") != "centre"]
+    return " ".join(words)
+
+
 def toy_target_of(images):
     """The toy target that all the images share ("magenta triangle large top"): one colour, one shape, one size
     class and the most specific region (a quadrant, else the centre, else a half) common to all, where they agree."""
@@ -145,7 +160,7 @@ class LearningCurve(Callback):
     """Scores samples of the learned word every `every_n_steps` steps (see the module docstring)."""
 
     def __init__(self, every_n_steps=100, n_samples=8, ddim_steps=10, scale=5.0, seed=0, prompt="a photo of {}",
-                 toy_target=None, clip_dir=None, batch_size=16, filename="learning_curve"):
+                 toy_target=None, clip_dir=None, batch_size=16, filename="learning_curve", toy_world="v1"):
         super().__init__()
         if every_n_steps < 1:
             raise ValueError(f"LearningCurve: every_n_steps must be at least 1, got {every_n_steps}")
@@ -153,6 +168,9 @@ class LearningCurve(Callback):
         self.sampling = dict(n_samples=n_samples, ddim_steps=ddim_steps, scale=scale, seed=seed, batch_size=batch_size)
         self.prompt_template = prompt
         self.toy_target = toy_target
+        if toy_world not in ("v1", "v2"):
+            raise ValueError(f"LearningCurve: toy_world must be v1 or v2, got {toy_world!r}")
+        self.toy_world = toy_world
         self.clip_dir = clip_dir
         self.filename = filename
         self.history = []  # [{"step": int, metric: float, ...}], kept in the Lightning checkpoint
@@ -183,7 +201,9 @@ class LearningCurve(Callback):
                            "no learning curve.")
             return
         if self.toy_target:
-            text = toy_target_of(self.concept_images) if self.toy_target == "auto" else self.toy_target
+            parse_target = self.evaluator().parse_target
+            auto = toy_v2_target_of if self.toy_world == "v2" else toy_target_of
+            text = auto(self.concept_images) if self.toy_target == "auto" else self.toy_target
             if not text:
                 rank_zero_info("LearningCurve: the training images share no colour, shape, size or region "
                                "(toy_target: auto); no learning curve.")
@@ -196,6 +216,10 @@ class LearningCurve(Callback):
         rank_zero_info(f"LearningCurve: every {self.every_n_steps} steps, {self.sampling['n_samples']} samples of "
                        f"{self.prompt!r} scored against {self.target_text}")
 
+    def evaluator(self):
+        """The toy world's evaluator module (both have parse_target and evaluate_images)."""
+        return shapes_v2_eval if self.toy_world == "v2" else shapes_eval
+
     @staticmethod
     def _training_image_paths(trainer):
         datamodule = trainer.datamodule
@@ -205,7 +229,7 @@ class LearningCurve(Callback):
 
     def score(self, images, device):
         if self.toy_target:
-            result = evaluate_images(list(images), self.target)
+            result = self.evaluator().evaluate_images(list(images), self.target)
             return {"joint": result["joint"], **result["rates"]}
         self.clip = self.clip or CLIPEvaluator(self.clip_dir, device=device)
         return {"clip_img": self.clip.img_to_img_similarity(self.concept_images, images),

@@ -12,6 +12,14 @@ shape, size class, region). Per-concept results land in OUTDIR/<concept>/result.
 interrupted benchmark run again with the same options carries on (a half-trained concept resumes from its
 last checkpoint); OUTDIR/results.json, results.md (tables), curves.png (every concept's joint rate vs step)
 and grid.png (concept images | init word | learned word) sum it up.
+
+    python scripts/benchmark_concepts.py --world v2            # world v2: reconstruction and editability
+
+World v2 (`ldm/data/shapes_v2.py`, its CONCEPTS in data/concepts_v2/, the v2 model and recipe): a concept is
+an identity (hue, fill pattern, shape) the words cannot fully say, its five images in five places and both
+sizes. The learned word is scored on (a) reconstruction: "a photo of *" keeps the identity (all three right),
+and (b) editability: each prompt of EDITS keeps the identity and obeys its edit (position or size); per
+concept, the means, and the same prompts with the init word in place of `*`.
 """
 import argparse
 import json
@@ -25,6 +33,24 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_RECIPE = "configs/toy/finetune-shapes.yaml"
 QUICK_CONCEPTS = "magenta-triangle-large-top,red-circle-small-top-left,cyan-circle-medium-centre"
+V2_OVERLAY = "finetune-shapes-v2.yaml"  # what the v2 model needs on top of any recipe
+# Per world: the recipe, concept folders, model, inference config and --quick's concepts.
+WORLDS = {
+    "v1": dict(recipe=[DEFAULT_RECIPE], data="data/concepts", ckpt="models/toy/shapes-ldm.safetensors",
+               inference_config="configs/toy/txt2img-shapes-inference.yaml", quick=QUICK_CONCEPTS),
+    # v2's recipe: the original's (the toy default was tuned on v1's layout concepts), with the v2 model's overlay
+    "v2": dict(recipe=[DEFAULT_RECIPE, "configs/toy/recipes/original.yaml", f"configs/toy/{V2_OVERLAY}"],
+               data="data/concepts_v2",
+               ckpt="models/toy/shapes-v2-ldm.safetensors",
+               inference_config="configs/toy/txt2img-shapes-v2-inference.yaml",
+               quick="orange-striped-circle,rose-solid-diamond,blue-two-tone-cross"),
+}
+# World v2's edits: (prompt, what the edit asks). "{}" is the subject ("*" or "a <init word>"), "{noun}" the
+# bare word ("*" or "<init word>").
+EDITS = (("a photo of {} on the left", "left"), ("a photo of {} at the bottom", "bottom"),
+         ("a small {noun}", "small"), ("a photo of a large {noun}", "large"),
+         ("{} in the top right", "top-right"), ("a photo of {} in the bottom left", "bottom-left"))
+RECONSTRUCTION = "a photo of {}"
 QUICK = dict(max_steps=300, n_samples=32, curve_every=50)
 ATTRIBUTES = ("colour", "shape", "size", "region")
 ROW_PADDING = 2  # between the 32x32 samples of the learned.png / init_word.png rows
@@ -39,16 +65,20 @@ def repo_path(path):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", nargs="+", default=[str(ROOT / DEFAULT_RECIPE)],
-                   help="training config(s) for main.py --base, merged left to right")
+    p.add_argument("--world", choices=sorted(WORLDS), default="v1",
+                   help="v1: the 12 layout concepts; v2: the 12 identity concepts, scored on reconstruction and "
+                        "editability (each world's defaults for the options below)")
+    p.add_argument("--recipe", nargs="+", default=None,
+                   help="training config(s) for main.py --base, merged left to right (default: the world's; a v2 "
+                        "recipe ends with configs/toy/finetune-shapes-v2.yaml)")
     p.add_argument("--concepts", default=None, help="comma-separated concept names (default: all, or --quick's)")
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke run: {QUICK_CONCEPTS.count(',') + 1} concepts, {QUICK['max_steps']} steps, "
                         f"{QUICK['n_samples']} samples, unless given")
     p.add_argument("--outdir", default=None, help="default: outputs/benchmark/<last recipe's name>[-quick]")
-    p.add_argument("--data", default=str(ROOT / "data/concepts"), help="concept folders (written here when missing)")
-    p.add_argument("--ckpt", default=str(ROOT / "models/toy/shapes-ldm.safetensors"))
-    p.add_argument("--inference_config", default=str(ROOT / "configs/toy/txt2img-shapes-inference.yaml"))
+    p.add_argument("--data", default=None, help="concept folders (written here when missing; default: the world's)")
+    p.add_argument("--ckpt", default=None, help="the base model (default: the world's)")
+    p.add_argument("--inference_config", default=None, help="default: the world's")
     p.add_argument("--max_steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=23, help="training seed")
     p.add_argument("--n_samples", type=int, default=None, help="samples per prompt (default 64)")
@@ -63,15 +93,21 @@ def parse_args(argv=None):
                         "after the first reuses them ('' to always sample)")
     p.add_argument("overrides", nargs="*", help="config overrides for main.py, e.g. model.base_learning_rate=0.01")
     opt = p.parse_args(argv)
+    world = WORLDS[opt.world]
+    opt.recipe = opt.recipe or [str(ROOT / f) for f in world["recipe"]]
+    for key in ("data", "ckpt", "inference_config"):
+        setattr(opt, key, getattr(opt, key) or str(ROOT / world[key]))
     for key, quick in QUICK.items():
         if getattr(opt, key) is None and opt.quick:
             setattr(opt, key, quick)
     opt.n_samples = opt.n_samples or 64
     opt.curve_every = opt.curve_every or 100
     if opt.quick and not opt.concepts:
-        opt.concepts = QUICK_CONCEPTS
+        opt.concepts = world["quick"]
     if opt.outdir is None:
-        opt.outdir = str(ROOT / "outputs/benchmark" / (Path(opt.recipe[-1]).stem + ("-quick" if opt.quick else "")))
+        named = [Path(f).stem for f in opt.recipe if Path(f).name != V2_OVERLAY] or ["recipe"]
+        opt.outdir = str(ROOT / "outputs/benchmark" / ("v2" if opt.world == "v2" else "")
+                         / (named[-1] + ("-quick" if opt.quick else "")))
     opt.recipe = [repo_path(f) for f in opt.recipe]
     for key in ("outdir", "data", "ckpt", "inference_config"):
         setattr(opt, key, repo_path(getattr(opt, key)))
@@ -85,7 +121,8 @@ def settings_of(opt):
     """What a concept's result depends on: results made with other settings are never mixed in."""
     keys = ("recipe", "overrides", "ckpt", "max_steps", "seed", "n_samples", "ddim_steps", "scale", "sample_seed",
             "curve_every", "curve_samples", "curve_ddim_steps")
-    return {k: getattr(opt, k) for k in keys}
+    settings = {k: getattr(opt, k) for k in keys}
+    return settings if opt.world == "v1" else {"world": opt.world, **settings}  # v1 results stay resumable
 
 
 def run(cmd, log_path):
@@ -120,7 +157,7 @@ def train(opt, concept, folder, data_root):
                 f"{curve}.target=evaluation.learning_curves.LearningCurve", f"{curve}.params.toy_target={concept.target}",
                 f"{curve}.params.every_n_steps={opt.curve_every}", f"{curve}.params.n_samples={opt.curve_samples}",
                 f"{curve}.params.ddim_steps={opt.curve_ddim_steps}", f"{curve}.params.scale={opt.scale}",
-                *opt.overrides]
+                f"{curve}.params.toy_world={opt.world}", *opt.overrides]
     if opt.max_steps:
         cmd += ["--max_steps", opt.max_steps]
     start = time.time()
@@ -128,13 +165,52 @@ def train(opt, concept, folder, data_root):
     return runs_in(logdir)[-1], time.time() - start
 
 
-def score(model, concept, prompt, opt):
+def sample(model, prompt, opt):
     from evaluation import sample_images
+    return sample_images(model, prompt, opt.n_samples, ddim_steps=opt.ddim_steps, scale=opt.scale,
+                         seed=opt.sample_seed, batch_size=64)
+
+
+def score(model, concept, prompt, opt):
     from evaluation.shapes_eval import evaluate_images, parse_target
-    images = sample_images(model, prompt, opt.n_samples, ddim_steps=opt.ddim_steps, scale=opt.scale,
-                           seed=opt.sample_seed, batch_size=64)
+    images = sample(model, prompt, opt)
     result = evaluate_images(list(images), parse_target(concept.target))
     return {"prompt": prompt, **result["rates"], "joint": result["joint"]}, images
+
+
+def v2_prompts(subject, noun):
+    """World v2's prompts for one word: [(prompt, edit words or "")], reconstruction first."""
+    return [(RECONSTRUCTION.format(subject), "")] + [(t.format(subject, noun=noun), edit) for t, edit in EDITS]
+
+
+def score_v2(model, concept, subject, noun, opt):
+    """Reconstruction ("a photo of <subject>" keeps the identity) and editability (each edit keeps the identity
+    and is obeyed), per prompt and their summary. -> (rates, the reconstruction prompt's images)."""
+    from evaluation.shapes_v2_eval import evaluate_images, parse_target
+    identity = parse_target(concept.target)
+    prompts, first_images = [], None
+    for prompt, edit in v2_prompts(subject, noun):
+        images = sample(model, prompt, opt)
+        first_images = images if first_images is None else first_images
+        asked = parse_target(edit)
+        result = evaluate_images(list(images), {**identity, **asked})
+        kept = [all(a[k] == v for k, v in identity.items()) for a in result["analyses"]]
+        obeyed = [all(a[k] == v for k, v in asked.items()) for a in result["analyses"]]
+        prompts.append({"prompt": prompt, "edit": edit, "identity": sum(kept) / len(kept),
+                        "edit_obeyed": sum(obeyed) / len(obeyed), "joint": result["joint"],
+                        **{f"rate_{k}": v for k, v in result["rates"].items()}})
+    edits = prompts[1:]
+    rates = {"reconstruction": prompts[0]["joint"], "editability": sum(p["joint"] for p in edits) / len(edits),
+             "identity_under_edits": sum(p["identity"] for p in edits) / len(edits),
+             "edits_obeyed": sum(p["edit_obeyed"] for p in edits) / len(edits), "prompts": prompts}
+    return rates, first_images
+
+
+def score_word(model, concept, subject, noun, opt):
+    """The world's scores of one word (the learned `*` or the init word's phrase)."""
+    if opt.world == "v2":
+        return score_v2(model, concept, subject, noun, opt)
+    return score(model, concept, RECONSTRUCTION.format(subject), opt)
 
 
 def save_row(images, path, n=8):
@@ -148,7 +224,8 @@ def init_word_score(model, concept, opt, folder):
     recipe. -> the rates, with init_word.png written to folder."""
     import hashlib
     import shutil
-    prompt = f"a photo of a {concept.init_word}"
+    subject, noun = f"a {concept.init_word}", concept.init_word
+    prompt = RECONSTRUCTION.format(subject) if opt.world == "v1" else [p for p, _ in v2_prompts(subject, noun)]
     key = {"ckpt_sha256": hashlib.sha256((ROOT / opt.ckpt).read_bytes()).hexdigest(),
            "inference_config": (ROOT / opt.inference_config).read_text(), "prompt": prompt,
            "target": concept.target, **{k: getattr(opt, k) for k in ("n_samples", "ddim_steps", "scale",
@@ -159,7 +236,7 @@ def init_word_score(model, concept, opt, folder):
         shutil.copyfile(cache / "init_word.png", folder / "init_word.png")
         print(f"  init word: scored before, {cache}", flush=True)
         return json.loads((cache / "result.json").read_text())["rates"]
-    rates, images = score(model, concept, prompt, opt)
+    rates, images = score_word(model, concept, subject, noun, opt)
     save_row(images, folder / "init_word.png")
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
@@ -195,7 +272,7 @@ def benchmark_concept(opt, model, concept, outdir):
     run_dir, train_s = train(opt, concept, folder, data_root)
     load_embeddings(model, [str(run_dir / "checkpoints" / "embeddings.pt")], ["*"])  # XTI files too
     start = time.time()
-    learned, learned_images = score(model, concept, "a photo of *", opt)
+    learned, learned_images = score_word(model, concept, "*", "*", opt)
     save_row(learned_images, folder / "learned.png")
     init = init_word_score(model, concept, opt, folder)
     curve_path = run_dir / "images" / "learning_curve.json"
@@ -210,36 +287,61 @@ def benchmark_concept(opt, model, concept, outdir):
     return result
 
 
+def columns(results):
+    """The summary columns of a result: v1's attributes and joint, or v2's two axes and their parts."""
+    return V2_COLUMNS if "reconstruction" in results[0]["learned"] else ATTRIBUTES + ("joint",)
+
+
+V2_COLUMNS = ("reconstruction", "editability", "identity_under_edits", "edits_obeyed")
+
+
 def fmt_rates(r):
-    return "  ".join(f"{k} {r[k]:.2f}" for k in ATTRIBUTES + ("joint",))
+    keys = V2_COLUMNS if "reconstruction" in r else ATTRIBUTES + ("joint",)
+    return "  ".join(f"{k} {r[k]:.2f}" for k in keys)
+
+
+def headlines(results):
+    """The columns whose worst concept is reported: v1's joint, v2's two axes."""
+    return V2_COLUMNS[:2] if columns(results) == V2_COLUMNS else ("joint",)
 
 
 def markdown(results, opt, summary):
     def pct(x):
         return f"{100 * x:.0f}%"
-    head = "| concept | " + " | ".join(ATTRIBUTES) + " | joint |\n|---|" + "---|" * (len(ATTRIBUTES) + 1) + "\n"
+    cols = columns(results)
+    head = "| concept | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols)
     lines = [f"Recipe: `{' '.join(opt.recipe)}`" + (f" + `{' '.join(opt.overrides)}`" if opt.overrides else ""),
              f"training steps: {opt.max_steps or 'the recipe’s'}, seed {opt.seed}; sampling {opt.n_samples} per "
              f"prompt, DDIM {opt.ddim_steps}, guidance {opt.scale}, seed {opt.sample_seed}", ""]
-    for key, title in (("learned", "`a photo of *`"), ("init", "`a photo of a <shape>` (the init word)")):
-        lines += [title, "", head.rstrip("\n")]
+    titles = (("learned", "`a photo of *`"), ("init", "`a photo of a <shape>` (the init word)"))
+    if cols == V2_COLUMNS:
+        titles = (("learned", "`*`"), ("init", "the init word (`a <word>` in place of `*`)"))
+        lines += ["Edits: " + ", ".join(f"`{t}`" for t, _ in EDITS), ""]
+    for key, title in titles:
+        lines += [title, "", head]
         for r in results:
-            lines.append(f"| {r['concept']} | " + " | ".join(pct(r[key][a]) for a in ATTRIBUTES)
-                         + f" | {pct(r[key]['joint'])} |")
+            lines.append(f"| {r['concept']} | " + " | ".join(pct(r[key][a]) for a in cols) + " |")
         mean = summary[key]["mean"]
-        lines.append("| **mean** | " + " | ".join(pct(mean[a]) for a in ATTRIBUTES) + f" | **{pct(mean['joint'])}** |")
+        lines.append("| **mean** | " + " | ".join(f"**{pct(mean[a])}**" for a in cols) + " |")
         lines.append("")
     worst = summary["learned"]["worst"]
-    lines.append(f"Worst concept (learned word): {worst['concept']} at {pct(worst['joint'])} joint.")
+    if "concept" in worst:  # v1: one headline
+        lines.append(f"Worst concept (learned word): {worst['concept']} at {pct(worst['joint'])} joint.")
+    for column, one in ({} if "concept" in worst else worst).items():
+        lines.append(f"Worst concept (learned word, {column}): {one['concept']} at {pct(one[column])}.")
     return "\n".join(lines) + "\n"
 
 
 def summarise(results):
     summary = {}
     for key in ("learned", "init"):
-        mean = {a: sum(r[key][a] for r in results) / len(results) for a in ATTRIBUTES + ("joint",)}
-        worst = min(results, key=lambda r: r[key]["joint"])
-        summary[key] = {"mean": mean, "worst": {"concept": worst["concept"], "joint": worst[key]["joint"]}}
+        mean = {a: sum(r[key][a] for r in results) / len(results) for a in columns(results)}
+        worst = {}
+        for column in headlines(results):
+            r = min(results, key=lambda r: r[key][column])
+            worst[column] = {"concept": r["concept"], column: r[key][column]}
+        # v1 keeps its one {"concept", "joint"}; v2 has one per axis
+        summary[key] = {"mean": mean, "worst": worst["joint"] if "joint" in worst else worst}
     return summary
 
 
@@ -251,7 +353,8 @@ def write_figures(results, outdir, n_samples=6, scale=2):
     from ldm.util import load_font
     curves = {r["concept"]: [(h["step"], h["joint"]) for h in r["curve"]] for r in results if r["curve"]}
     if curves:
-        plot_curves(curves, outdir / "curves.png", title="joint match rate of 'a photo of *' during training",
+        plot_curves(curves, outdir / "curves.png", title="joint match rate of 'a photo of *' during training "
+                    "(v2: its identity)",
                     y_label="joint rate", y_range=(0, 1), size=(980, 460))
     cell, label_width, gap = 32 * scale + 2, 250, 12
     width = label_width + (5 + 2 * n_samples) * cell + 2 * gap
@@ -277,7 +380,10 @@ def write_figures(results, outdir, n_samples=6, scale=2):
 def main(argv=None):
     opt = parse_args(argv)
     from ldm.checkpoint import load_model_from_config
-    from ldm.data.shapes import get_concepts
+    if opt.world == "v2":
+        from ldm.data.shapes_v2 import get_concepts
+    else:
+        from ldm.data.shapes import get_concepts
     try:
         concepts = get_concepts(opt.concepts)
     except ValueError as error:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "models/toy/shapes-ldm.safetensors"
@@ -23,3 +24,33 @@ def test_half_subset_with_a_k_sampler(tmp_path):
     assert {p.split()[-1] for p in prompts} == {"circle", "square", "triangle", "cross"}
     assert report["settings"]["sampler"] == "dpmpp_2m_karras" and set(mean) == {"colour", "shape", "both"}
     assert all(0 <= v <= 1 for v in mean.values())
+
+
+def test_v2_prompts_name_every_size_and_position_for_every_shape():
+    from ldm.data.shapes_v2 import ROWS, COLUMNS
+    script = load_script("evaluate_toy_base")
+    pairs = script.v2_prompts()
+    assert len(pairs) == 24 and len({p for p, _, _ in pairs}) == 24
+    for prompt, target, _ in pairs:
+        assert prompt.startswith(f"a photo of a {target['size']} {target['hue']} {target['shape']} ")
+        assert set(target) >= {"hue", "shape", "size"} and ("row" in target or "column" in target)
+    for shape in ("circle", "square", "triangle", "cross"):
+        assert {t["size"] for _, t, _ in pairs if t["shape"] == shape} == {"small", "large"}
+    cells = {(t.get("row"), t.get("column")) for _, t, _ in pairs}
+    assert {(r, c) for r in ROWS for c in COLUMNS if "centre" not in (r, c)} | {("centre", "centre")} <= cells
+    assert {("top", None), ("bottom", None), (None, "left"), (None, "right")} <= cells
+    half = script.v2_prompts(half=True)
+    assert len(half) == 12 and {t["size"] for _, t, _ in half} == {"small", "large"}
+
+
+@pytest.mark.skipif(not CKPT.is_file(), reason="the toy model is not in this checkout")
+def test_v2_run_reports_colour_shape_size_and_position(tmp_path):
+    # the v1 model runs the v2 evaluation's machinery (its scores mean little: it never saw v2 captions)
+    out = tmp_path / "v2.json"
+    mean = load_script("evaluate_toy_base").main(
+        ["--world", "v2", "--ckpt", str(CKPT), "--config", "configs/toy/txt2img-shapes-inference.yaml",
+         "--ddim_steps", "2", "--n_samples", "1", "--half", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert set(mean) == {"colour", "shape", "size", "position", "all"} and all(0 <= v <= 1 for v in mean.values())
+    assert len(report["prompts"]) == 12 and report["settings"]["world"] == "v2"
+    assert all(r["all"] <= min(r["colour"], r["shape"], r["size"], r["position"]) for r in report["prompts"])
