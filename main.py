@@ -306,7 +306,10 @@ def build_loggers(lightning_config, logdir, nowname, opt):
 def build_callbacks(opt, model, config, lightning_config, now, logdir, ckptdir, cfgdir):
     modelckpt_cfg = OmegaConf.create({
         "target": "pytorch_lightning.callbacks.ModelCheckpoint",
-        "params": {"dirpath": ckptdir, "filename": "{epoch:06}", "verbose": True, "save_last": True},
+        # A run folder is this run's alone, so a name that exists is this run's own older file: overwrite it.
+        # Lightning's version counter wrote a resumed run's checkpoints to last-v1.ckpt, and `-r` read last.ckpt.
+        "params": {"dirpath": ckptdir, "filename": "{epoch:06}", "verbose": True, "save_last": True,
+                   "enable_version_counter": False},
     })
     monitor = getattr(model, "monitor", None)
     # an "_ema" metric only exists when the model keeps an EMA; monitoring a metric never logged is an error

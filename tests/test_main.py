@@ -241,3 +241,17 @@ def test_loggers_get_metrics_and_the_image_grids(tmp_path, concept_dir, tiny_ckp
         (offline,) = glob.glob(str(run / "wandb" / "offline-run-*"))
         images = glob.glob(os.path.join(offline, "files", "media", "images", "train", "samples_placeholder_*.png"))
         assert images, os.listdir(offline)
+
+
+def test_a_resumed_run_keeps_writing_last_ckpt(tmp_path, tiny_ckpt, concept_dir):
+    """A run stopped before ModelCheckpoint's first save (its last.ckpt written by our end-of-run save) and resumed:
+    Lightning's version counter used to write the resumed run's newer checkpoints to last-v1.ckpt, so the next
+    `-r`, which reads last.ckpt, went back to the older step."""
+    logs = tmp_path / "logs"
+    every = "lightning.modelcheckpoint.params.every_n_train_steps=2"
+    entry.main(run_args(logs, tiny_ckpt, concept_dir, "--max_steps", "1", NO_IMAGES, every))
+    run = run_dir(logs)
+    entry.main(["-r", str(run), "-t", "--max_steps", "4"])
+    names = sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt"))
+    assert names == ["last.ckpt"], names
+    assert load_checkpoint(str(run / "checkpoints/last.ckpt"))["global_step"] == 4
