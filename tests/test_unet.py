@@ -297,3 +297,36 @@ def test_every_convolution_sees_the_layout_of_its_weights():
         formats, out_cl = _conv_input_formats(unet, x.to(memory_format=torch.channels_last), t, context)
     assert formats == {"channels_last"}
     torch.testing.assert_close(out_cl, out, atol=1e-5, rtol=1e-5)
+
+
+def test_coordinate_features_locate_each_position():
+    from ldm.modules.diffusionmodules.openaimodel import coordinate_features
+    features = coordinate_features(torch.zeros(1, 3, 4, 6))
+    assert features.shape == (1, 8, 4, 6)
+    rows, cols = features[0, 0], features[0, 4]  # each axis's coordinate in [-1, 1], at pixel centres
+    torch.testing.assert_close(rows[:, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    torch.testing.assert_close(cols[0], torch.linspace(-5 / 6, 5 / 6, 6))
+    assert len({tuple(features[0, :, i, j].tolist()) for i in range(4) for j in range(6)}) == 24  # all distinct
+
+
+def test_position_input_adds_keys_and_tells_places_apart():
+    """position_input (not in the original) gives the UNet its pixels' coordinates: one extra 1x1 conv, every other
+    key as before; features of a constant input then differ from place to place, and so does the output."""
+    from ldm.modules.diffusionmodules.openaimodel import coordinate_features
+    plain, placed = tiny_unet(), tiny_unet(position_input=True)
+    extra = set(placed.state_dict()) - set(plain.state_dict())
+    assert extra == {"position_embed.weight", "position_embed.bias"}
+    assert set(plain.state_dict()) <= set(placed.state_dict())
+    assert placed.state_dict()["position_embed.weight"].abs().sum() > 0  # not zero-initialised
+    randomise(placed)
+    x, t, context = tiny_inputs()
+    constant = torch.ones_like(x)
+    with torch.no_grad():
+        block0 = placed.input_blocks[0](constant, None, None)
+        torch.testing.assert_close(block0[..., 3, 3], block0[..., 4, 4])  # a 3x3 conv of a constant: no place
+        added = placed.position_embed(coordinate_features(block0))
+        assert not torch.allclose(added[..., 3, 3], added[..., 4, 4])
+        with_position = placed(constant, t, context=context)
+        placed.position_embed.weight.zero_()
+        placed.position_embed.bias.zero_()
+        assert not torch.allclose(with_position, placed(constant, t, context=context))

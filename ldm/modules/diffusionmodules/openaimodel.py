@@ -255,6 +255,10 @@ class UNetModel(nn.Module):
         `scaled_dot_product_attention` here.
     :param n_embed: predict codebook ids of a VQ first stage instead of the noise.
     :param legacy: the original's head-width rule (kept so that old configs build the same network).
+    :param position_input: add a learned projection of each pixel's coordinates to the first block's features
+        (`position_embed`; a checkpoint without it is loaded with it in `ignore_keys`). Not in the original:
+        a convolutional UNet knows where it is only from its zero padding, too weakly for a small model to learn
+        words such as "on the left" (docs/toy_model.md, world v2).
     """
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
@@ -264,7 +268,7 @@ class UNetModel(nn.Module):
                  use_new_attention_order=False, use_spatial_transformer=False, transformer_depth=1,
                  context_dim=None, n_embed=None, legacy=True, use_linear_in_transformer=False, adm_in_channels=None,
                  disable_self_attentions=None, disable_middle_self_attn=False,
-                 spatial_transformer_attn_type="softmax"):
+                 spatial_transformer_attn_type="softmax", position_input=False):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim (the width of the conditioning).")
@@ -343,6 +347,8 @@ class UNetModel(nn.Module):
             TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))
         ])
         input_block_chans = [model_channels]
+        # Not zero-initialised: a zero start left "on the left" unlearned after 500 steps (docs/toy_model.md).
+        self.position_embed = conv_nd(dims, 4 * dims, model_channels, 1) if position_input else None
         ch = model_channels
         ds = 1
         for level, mult in enumerate(channel_mult):
@@ -438,14 +444,25 @@ class UNetModel(nn.Module):
             check_layer_contexts(context, self.cross_attention_layer_names)
             context = context.type(self.dtype)
         hs = []
-        for module in self.input_blocks:
+        for i, module in enumerate(self.input_blocks):
             h = module(h, emb, context)
+            if i == 0 and self.position_embed is not None:
+                h = h + self.position_embed(coordinate_features(h).to(self.position_embed.weight.dtype)).to(h.dtype)
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
         h = h.type(x.dtype)
         return self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
+
+
+def coordinate_features(h):
+    """(1, 4 * dims, *spatial) features of each position of `h`: per axis the coordinate in [-1, 1] (pixel
+    centres), and its sine and cosine at half a period per image, and its absolute value."""
+    axes = [torch.linspace(-1 + 1 / n, 1 - 1 / n, n, device=h.device, dtype=h.dtype) for n in h.shape[2:]]
+    grids = torch.meshgrid(*axes, indexing="ij")
+    features = [f for g in grids for f in (g, torch.sin(g * torch.pi / 2), torch.cos(g * torch.pi / 2), g.abs())]
+    return torch.stack(features)[None]
 
 
 def _one_context_dim(context_dim):
