@@ -50,6 +50,19 @@ def test_coarse_class_and_per_image_tokens(folder):
     assert all(not any(t in ds[i]["caption"] for t in personalized.per_img_token_list) for i in range(10))
 
 
+def test_per_image_tokens_may_be_a_list_of_words(folder):
+    """A CLIP model cannot take the original's Hebrew letters as single tokens: a list of words replaces them."""
+    random.seed(3)
+    ds = PersonalizedBase(str(folder), size=8, placeholder_token="*", per_image_tokens=["@", "#"], mixing_prob=1.0)
+    for i in range(6):
+        assert ds[i]["caption"].endswith(" with " + ["@", "#"][i % 2])
+    with pytest.raises(ValueError, match="one word per image"):
+        PersonalizedBase(str(folder), per_image_tokens=["@"])
+    for bad in ("@#", ["@", ""], [1, 2]):
+        with pytest.raises(ValueError, match="list of non-empty strings"):
+            PersonalizedBase(str(folder), per_image_tokens=bad)
+
+
 def test_style_dataset_uses_style_templates(folder):
     random.seed(2)
     ds = personalized_style.PersonalizedBase(str(folder), size=8, placeholder_token="@")

@@ -159,6 +159,15 @@ def test_per_image_tokens_need_single_tokens(clip, bert):
     assert list(manager.string_to_param_dict) == ["*"] + per_img_token_list
 
 
+def test_per_image_tokens_as_a_list_work_with_clip(clip):
+    manager = EmbeddingManager(clip, ["*"], ["dog"], per_image_tokens=["@", "#", "$"])
+    assert list(manager.string_to_param_dict) == ["*", "@", "#", "$"]
+    tokens = clip.tokenize(["a photo of * with #"])
+    out = manager(tokens, clip.token_embedding(tokens))
+    torch.testing.assert_close(out[0, 4], manager.string_to_param_dict["*"][0])  # <start> a photo of *
+    torch.testing.assert_close(out[0, 6], manager.string_to_param_dict["#"][0])
+
+
 def test_progressive_words_follow_the_step(clip):
     manager = EmbeddingManager(clip, ["*"], ["dog"], num_vectors_per_token=3, progressive_words=True)
     tokens = clip.tokenize(["a *"])
@@ -174,6 +183,17 @@ def test_progressive_words_follow_the_step(clip):
     for _ in range(3):  # forward calls do not advance it (the original's defect)
         manager(tokens, embedded)
     assert manager.num_active_vectors() == 3
+
+
+def test_progressive_steps_sets_the_interval(clip):
+    """A short run can grow its word too: progressive_steps replaces the original's 2000-step interval."""
+    manager = EmbeddingManager(clip, ["*"], ["dog"], num_vectors_per_token=3, progressive_words=True,
+                               progressive_steps=250)
+    for step, active in [(0, 1), (249, 1), (250, 2), (499, 2), (500, 3), (5000, 3)]:
+        manager.progressive_step = step
+        assert manager.num_active_vectors() == active
+    with pytest.raises(ValueError, match="progressive_steps"):
+        EmbeddingManager(clip, ["*"], ["dog"], progressive_words=True, progressive_steps=0)
 
 
 def test_same_mechanism_with_bert(bert):

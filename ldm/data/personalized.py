@@ -179,6 +179,20 @@ per_img_token_list = [
 ]
 
 
+def per_image_token_strings(per_image_tokens):
+    """The per-image words a `per_image_tokens` setting asks for: none (false), the original's list (true; single
+    tokens for BERT, not for CLIP's tokenizer), or the strings given (a list, e.g. ['@', '#', '$'] for CLIP).
+    The dataset and the embedding manager must be given the same setting."""
+    if per_image_tokens is True:
+        return list(per_img_token_list)
+    if not per_image_tokens:
+        return []
+    if isinstance(per_image_tokens, str) or not all(isinstance(s, str) and s for s in per_image_tokens):
+        raise ValueError(f"per_image_tokens must be true, false or a list of non-empty strings, got "
+                         f"{per_image_tokens!r}.")
+    return list(per_image_tokens)
+
+
 MIN_USEFUL_SIDE = 8  # px; smaller training images are almost certainly a mistake
 MAX_CAPTION_BYTES = 2**20  # a caption is a line of text; this bounds what a wrong file can cost
 # Without cropping, images whose long side exceeds the short one by more than this are reported as distorted.
@@ -327,7 +341,7 @@ class PersonalizedBase(Dataset):
         resample_filter(interpolation)  # reject an unknown name now rather than at the first batch
         self.flip_p = flip_p
         self.placeholder_token = placeholder_token
-        self.per_image_tokens = per_image_tokens
+        self.per_image_tokens = per_image_token_strings(per_image_tokens)
         if crop is not None and crop not in CROP_MODES:
             raise ValueError(f"crop {crop!r}: choose one of {', '.join(CROP_MODES)}")
         self.crop = crop or ("center" if center_crop else "none")
@@ -347,9 +361,9 @@ class PersonalizedBase(Dataset):
         self.background = background_colour(background)
         self._sizes = {}
 
-        if per_image_tokens and self.num_images > len(per_img_token_list):
-            raise ValueError(f"per_image_tokens supports at most {len(per_img_token_list)} images, "
-                             f"{data_root!r} has {self.num_images}; add tokens to per_img_token_list")
+        if self.per_image_tokens and self.num_images > len(self.per_image_tokens):
+            raise ValueError(f"per_image_tokens gives {len(self.per_image_tokens)} words, and {data_root!r} has "
+                             f"{self.num_images} images: give per_image_tokens a list of one word per image")
         # Decoded, cropped and resized images by (index, crop place): a concept folder holds a handful of images.
         self._prepared = {}
 
@@ -389,7 +403,7 @@ class PersonalizedBase(Dataset):
         if image_index in self.captions:
             return self.captions[image_index]
         if self.per_image_tokens and random.random() < self.mixing_prob:
-            return random.choice(self.dual_templates).format(placeholder, per_img_token_list[image_index])
+            return random.choice(self.dual_templates).format(placeholder, self.per_image_tokens[image_index])
         return random.choice(self.templates).format(placeholder)
 
     def crop_place(self):

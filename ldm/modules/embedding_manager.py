@@ -13,13 +13,14 @@ import warnings
 import torch
 from torch import nn
 
-from ldm.data.personalized import per_img_token_list
+from ldm.data.personalized import per_image_token_strings
 from ldm.modules.embedding_io import ENCODER_KEYS, load_embedding_file, save_embedding_file, single_token_id
 from ldm.modules.encoders.base import context_length, embedding_key
 
 DEFAULT_PLACEHOLDER_TOKEN = ["*"]
 
-# With progressive_words, one more vector of each placeholder becomes active every PROGRESSIVE_SCALE steps.
+# With progressive_words, one more vector of each placeholder becomes active every PROGRESSIVE_SCALE steps (the
+# original's value, tuned for its 5000-step runs; `progressive_steps` sets another).
 PROGRESSIVE_SCALE = 2000
 
 
@@ -32,16 +33,19 @@ class EmbeddingManager(nn.Module):
     initializer_words: the i-th placeholder starts from the token embedding(s) of the i-th word. A word of k tokens
         needs num_vectors_per_token >= k: vector j < k starts from the j-th token, the remaining vectors from
         the mean of the k token embeddings. Without a word the vectors start uniform in [0, 1) like the original.
-    per_image_tokens: also add the original's per-image placeholders (ldm.data.personalized.per_img_token_list).
-    progressive_words: activate the vectors one at a time, one more every PROGRESSIVE_SCALE optimizer steps,
-        counted by `progressive_step`, which the training loop sets to the global step.
+    per_image_tokens: also add per-image placeholders: true for the original's (ldm.data.personalized.
+        per_img_token_list), or a list of strings (ldm.data.personalized.per_image_token_strings).
+    progressive_words: activate the vectors one at a time, one more every `progressive_steps` optimizer steps
+        (default PROGRESSIVE_SCALE), counted by `progressive_step`, which the training loop sets to the global step.
     """
 
     per_layer = False
 
     def __init__(self, embedder, placeholder_strings=None, initializer_words=None, per_image_tokens=False,
-                 num_vectors_per_token=1, progressive_words=False):
+                 num_vectors_per_token=1, progressive_words=False, progressive_steps=PROGRESSIVE_SCALE):
         super().__init__()
+        if int(progressive_steps) < 1:
+            raise ValueError(f"progressive_steps must be a positive number of steps, got {progressive_steps!r}.")
         # A bound method, not a submodule: the embedder's weights belong to the text encoder, not to us.
         self._token_ids_of = embedder.string_to_token_ids
         self.token_dim = embedder.embedding_dim
@@ -51,14 +55,14 @@ class EmbeddingManager(nn.Module):
         self.string_to_param_dict = nn.ParameterDict()
         self.initial_embeddings = nn.ParameterDict()  # fixed targets of the regulariser, never optimized
         self.progressive_words = progressive_words
+        self.progressive_steps = int(progressive_steps)
         self.progressive_step = None
         self.register_buffer("_placeholder_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("_vector_counts", torch.zeros(0, dtype=torch.long), persistent=False)
 
         placeholder_strings = list(placeholder_strings or DEFAULT_PLACEHOLDER_TOKEN)
         num_given = len(placeholder_strings)
-        if per_image_tokens:
-            placeholder_strings += per_img_token_list
+        placeholder_strings += per_image_token_strings(per_image_tokens)
         initializer_words = list(initializer_words or [])
         for idx, string in enumerate(placeholder_strings):
             origin = "placeholder string" if idx < num_given else "per-image token (per_image_tokens=True)"
@@ -165,7 +169,7 @@ class EmbeddingManager(nn.Module):
     def num_active_vectors(self):
         """How many vectors per placeholder are in use now (progressive_words limits it)."""
         if self.progressive_words and self.progressive_step is not None:
-            return min(self.progressive_step // PROGRESSIVE_SCALE + 1, self.max_vectors_per_token)
+            return min(self.progressive_step // self.progressive_steps + 1, self.max_vectors_per_token)
         return self.max_vectors_per_token
 
     # ------------------------------------------------------------------ forward
