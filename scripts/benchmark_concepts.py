@@ -218,13 +218,12 @@ def save_row(images, path, n=8):
     to_pil(make_grid(images[:n], nrow=n, padding=ROW_PADDING)).save(path)
 
 
-def init_word_score(model, concept, opt, folder):
-    """Score "a photo of a <shape>": the base model alone draws it, so the result depends on the checkpoint, the
-    inference config and the sampling settings but not on the recipe, and is kept in --init_cache for the next
-    recipe. -> the rates, with init_word.png written to folder."""
+def reference_score(model, concept, opt, folder, subject, noun, name):
+    """Score a phrase in place of `*` (the init word's "a <shape>", v2's human caption): the base model alone
+    draws it, so the result depends on the checkpoint, the inference config and the sampling settings but not on
+    the recipe, and is kept in --init_cache for the next recipe. -> the rates, with <name>.png written to folder."""
     import hashlib
     import shutil
-    subject, noun = f"a {concept.init_word}", concept.init_word
     prompt = RECONSTRUCTION.format(subject) if opt.world == "v1" else [p for p, _ in v2_prompts(subject, noun)]
     key = {"ckpt_sha256": hashlib.sha256((ROOT / opt.ckpt).read_bytes()).hexdigest(),
            "inference_config": (ROOT / opt.inference_config).read_text(), "prompt": prompt,
@@ -232,15 +231,15 @@ def init_word_score(model, concept, opt, folder):
                                                                       "sample_seed")}}
     cache = ROOT / opt.init_cache / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] \
         if opt.init_cache else None
-    if cache and (cache / "result.json").is_file() and (cache / "init_word.png").is_file():
-        shutil.copyfile(cache / "init_word.png", folder / "init_word.png")
-        print(f"  init word: scored before, {cache}", flush=True)
+    if cache and (cache / "result.json").is_file() and (cache / "images.png").is_file():
+        shutil.copyfile(cache / "images.png", folder / f"{name}.png")
+        print(f"  {subject!r}: scored before, {cache}", flush=True)
         return json.loads((cache / "result.json").read_text())["rates"]
     rates, images = score_word(model, concept, subject, noun, opt)
-    save_row(images, folder / "init_word.png")
+    save_row(images, folder / f"{name}.png")
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(folder / "init_word.png", cache / "init_word.png")
+        shutil.copyfile(folder / f"{name}.png", cache / "images.png")
         (cache / "result.json").write_text(json.dumps({"key": key, "rates": rates}, indent=2))
     return rates
 
@@ -270,20 +269,26 @@ def benchmark_concept(opt, model, concept, outdir):
         concept.write(str(data_root))
     print(f"{concept.name}: training ({concept.target}, init word {concept.init_word!r})", flush=True)
     run_dir, train_s = train(opt, concept, folder, data_root)
-    load_embeddings(model, [str(run_dir / "checkpoints" / "embeddings.pt")], ["*"])  # XTI files too
+    # by the file's own names: "*" (and a per-image-tokens recipe's extra words); XTI files too
+    load_embeddings(model, [str(run_dir / "checkpoints" / "embeddings.pt")])
     start = time.time()
     learned, learned_images = score_word(model, concept, "*", "*", opt)
     save_row(learned_images, folder / "learned.png")
-    init = init_word_score(model, concept, opt, folder)
+    init = reference_score(model, concept, opt, folder, f"a {concept.init_word}", concept.init_word, "init_word")
+    references = {"init": init}
+    if opt.world == "v2":  # the paper's "human captions": what the words can say of the identity
+        caption = concept.human_caption
+        references["human"] = reference_score(model, concept, opt, folder, caption, caption[2:], "human_caption")
     curve_path = run_dir / "images" / "learning_curve.json"
     curve = json.loads(curve_path.read_text())["history"] if curve_path.is_file() else []
     result = {"concept": concept.name, "target": concept.target, "init_word": concept.init_word,
               "data_root": str(data_root),
-              "learned": learned, "init": init, "curve": curve, "run": str(run_dir),
+              "learned": learned, **references, "curve": curve, "run": str(run_dir),
               "seconds": {"train": round(train_s, 1), "sample": round(time.time() - start, 1)},
               "settings": settings}
     result_path.write_text(json.dumps(result, indent=2))
-    print(f"  learned {fmt_rates(learned)}\n  init    {fmt_rates(init)}", flush=True)
+    for key, rates in (("learned", learned), *references.items()):
+        print(f"  {key:8}{fmt_rates(rates)}", flush=True)
     return result
 
 
@@ -315,9 +320,13 @@ def markdown(results, opt, summary):
              f"prompt, DDIM {opt.ddim_steps}, guidance {opt.scale}, seed {opt.sample_seed}", ""]
     titles = (("learned", "`a photo of *`"), ("init", "`a photo of a <shape>` (the init word)"))
     if cols == V2_COLUMNS:
-        titles = (("learned", "`*`"), ("init", "the init word (`a <word>` in place of `*`)"))
+        titles = (("learned", "`*`"), ("init", "the init word (`a <word>` in place of `*`)"),
+                  ("human", "human captions (the words that fit the identity, `ldm.data.shapes_v2.Concept."
+                            "human_caption`, in place of `*`)"))
         lines += ["Edits: " + ", ".join(f"`{t}`" for t, _ in EDITS), ""]
     for key, title in titles:
+        if key not in summary:
+            continue
         lines += [title, "", head]
         for r in results:
             lines.append(f"| {r['concept']} | " + " | ".join(pct(r[key][a]) for a in cols) + " |")
@@ -334,7 +343,9 @@ def markdown(results, opt, summary):
 
 def summarise(results):
     summary = {}
-    for key in ("learned", "init"):
+    for key in ("learned", "init", "human"):
+        if not all(key in r for r in results):  # results of an older version lack "human"
+            continue
         mean = {a: sum(r[key][a] for r in results) / len(results) for a in columns(results)}
         worst = {}
         for column in headlines(results):

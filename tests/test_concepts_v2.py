@@ -47,11 +47,13 @@ def test_v2_benchmark_scores_reconstruction_and_editability_and_resumes(tmp_path
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     result = json.loads((out / concept.name / "result.json").read_text())
     assert result["target"] == concept.target and result["settings"]["world"] == "v2"
-    for key, subject in (("learned", "*"), ("init", concept.init_word)):
+    first_prompts = {"learned": "a photo of *", "init": f"a photo of a {concept.init_word}",
+                     "human": f"a photo of {concept.human_caption}"}
+    for key, subject in (("learned", "*"), ("init", concept.init_word), ("human", concept.human_caption[2:])):
         scores = result[key]
         prompts = [p["prompt"] for p in scores["prompts"]]
         assert len(prompts) == 1 + len(edits) and all(subject in p for p in prompts)
-        assert prompts[0] == ("a photo of *" if key == "learned" else f"a photo of a {concept.init_word}")
+        assert prompts[0] == first_prompts[key]
         for column in ("reconstruction", "editability", "identity_under_edits", "edits_obeyed"):
             assert 0.0 <= scores[column] <= 1.0
         for p in scores["prompts"]:  # joint is at most each of its parts
@@ -62,6 +64,7 @@ def test_v2_benchmark_scores_reconstruction_and_editability_and_resumes(tmp_path
     assert [h["step"] for h in result["curve"]] == [0, 1, 2] and "pattern" in result["curve"][0]
     table = (out / "results.md").read_text()
     assert "reconstruction" in table and "editability" in table and concept.name in table
+    assert "human captions" in table
     assert len(list((tmp_path / "concepts_v2" / concept.name).glob("*.png"))) == 5  # written when missing
     # again: read back, not retrained or resampled
     before = (out / concept.name / "result.json").stat().st_mtime_ns

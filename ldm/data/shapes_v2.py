@@ -271,6 +271,13 @@ class Concept:
         """The v2 evaluator's target words (evaluation.shapes_v2_eval.parse_target) for the identity."""
         return f"{self.hue} {self.pattern} {self.shape}"
 
+    @property
+    def human_caption(self):
+        """What the vocabulary can say of the identity: the colour word when the hue has one, then the init word
+        (the shape's word, or the nearest named shape's): "a red square", "a circle". The paper's "human
+        captions" reference of the ablation (docs/method.md)."""
+        return " ".join(["a"] + ([self.hue] if self.hue in COLOURS else []) + [self.init_word])
+
     def specs(self, n=5):
         """n objects of this identity in n different grid cells, both sizes among them."""
         rng = np.random.default_rng(self.seed)
