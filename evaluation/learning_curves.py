@@ -54,10 +54,11 @@ def _label(value, step):
 
 
 def plot_curves(series, path=None, title="", x_label="step", y_label="", y_range=None, size=(720, 420),
-                highlight=None):
+                highlight=None, x_range=None):
     """Draw {label: [(x, y), ...]} as lines with dots on one set of axes, with a legend; -> PIL image.
 
-    Pure PIL (matplotlib is not a dependency). y_range defaults to the data's range; x starts at 0. The series
+    Pure PIL (matplotlib is not a dependency). y_range defaults to the data's range; x_range to 0 .. the largest
+    x. The series
     named `highlight` is drawn bolder, on top of the others.
     """
     series = {k: sorted(v) for k, v in series.items() if v}
@@ -65,7 +66,7 @@ def plot_curves(series, path=None, title="", x_label="step", y_label="", y_range
         raise ValueError("plot_curves: nothing to plot (every series is empty)")
     xs = [x for points in series.values() for x, _ in points]
     ys = [y for points in series.values() for _, y in points]
-    x_low, x_high = 0.0, max(max(xs), 1)
+    x_low, x_high = x_range if x_range else (0.0, max(max(xs), 1))
     y_low, y_high = y_range if y_range else (min(ys), max(ys))
     if y_high <= y_low:
         y_low, y_high = y_low - 0.5, y_high + 0.5
