@@ -4,8 +4,8 @@
     python scripts/ablation_v2.py --concepts orange-striped-circle,rose-solid-diamond --max_steps 600 --jobs 2
 
 Each variant is one run of scripts/benchmark_concepts.py --world v2 (same concepts, training steps, seeds and
-sampling), its recipe the original's (configs/toy/recipes/original.yaml) plus the variant's overlay; the
-benchmark's own resumption makes an interrupted ablation carry on. The references need no training: the init word
+sampling), its recipe the original's (configs/toy/recipes/original.yaml) plus the variant's overlay (and, for
+comparison, the v1 toy default as it is); the benchmark's own resumption makes an interrupted ablation carry on. The references need no training: the init word
 and the paper's "human captions" (the words that fit the identity, `Concept.human_caption`), scored by every
 benchmark run alike. OUTDIR/ablation.md is the table (means over the concepts, the worst concept on each axis),
 ablation.json the numbers, ablation.png reconstruction against editability, one point per variant (the paper's
@@ -23,15 +23,19 @@ sys.path.insert(0, str(ROOT))
 
 BASE = ["configs/toy/finetune-shapes.yaml", "configs/toy/recipes/original.yaml"]
 V2_OVERLAY = "configs/toy/finetune-shapes-v2.yaml"
-# (name, what it is, overlays on top of BASE); the v2 overlay is merged last.
+# (name, what it is, its recipe: the configs merged before the v2 overlay); all but the last are the original's
+# recipe plus one change.
 VARIANTS = (
-    ("original", "the original's recipe: 1 vector, t over the whole schedule, lr 5e-3", []),
-    ("two-vectors", "2 vectors for *", ["configs/toy/recipes/two-vectors.yaml"]),
-    ("progressive", "3 vectors, switched on one at a time", ["configs/toy/recipes/progressive.yaml"]),
-    ("per-image-tokens", "a word of its own for each image, besides *", ["configs/toy/recipes/per-image-tokens.yaml"]),
-    ("bigger-lr", "base lr 2e-2 (4x)", ["configs/toy/recipes/bigger-lr.yaml"]),
-    ("regulariser", "L2 pull toward the init word, weight 0.01", ["configs/toy/recipes/regulariser.yaml"]),
-    ("xti", "XTI: 1 vector per cross-attention layer", ["configs/toy/recipes/xti.yaml"]),
+    ("original", "the original's recipe: 1 vector, t over the whole schedule, lr 5e-3", BASE),
+    ("two-vectors", "2 vectors for *", [*BASE, "configs/toy/recipes/two-vectors.yaml"]),
+    ("progressive", "3 vectors, switched on one at a time", [*BASE, "configs/toy/recipes/progressive.yaml"]),
+    ("per-image-tokens", "a word of its own for each image, besides *",
+     [*BASE, "configs/toy/recipes/per-image-tokens.yaml"]),
+    ("bigger-lr", "base lr 2e-2 (4x)", [*BASE, "configs/toy/recipes/bigger-lr.yaml"]),
+    ("regulariser", "L2 pull toward the init word, weight 0.01", [*BASE, "configs/toy/recipes/regulariser.yaml"]),
+    ("xti", "XTI: 1 vector per cross-attention layer", [*BASE, "configs/toy/recipes/xti.yaml"]),
+    ("toy-v1-default", "the v1 toy default: XTI, 48 vectors, 70% of t from [700, 1000)",
+     ["configs/toy/finetune-shapes.yaml"]),
 )
 REFERENCES = (("init", "init word (no training)"), ("human", "human captions (no training)"))
 AXES = ("reconstruction", "editability", "identity_under_edits", "edits_obeyed")
@@ -60,9 +64,8 @@ def parse_args(argv=None):
     return opt
 
 
-def benchmark_command(opt, name, overlays):
-    cmd = [sys.executable, "scripts/benchmark_concepts.py", "--world", "v2", "--recipe", *BASE, *overlays,
-           V2_OVERLAY, "--outdir", str(Path(opt.outdir) / name), "--max_steps", str(opt.max_steps),
+def benchmark_command(opt, name, recipe):
+    cmd = [sys.executable, "scripts/benchmark_concepts.py", "--world", "v2", "--recipe", *recipe, V2_OVERLAY, "--outdir", str(Path(opt.outdir) / name), "--max_steps", str(opt.max_steps),
            "--n_samples", str(opt.n_samples), "--ddim_steps", str(opt.ddim_steps),
            "--curve_every", str(opt.curve_every)]
     if opt.concepts:
@@ -76,15 +79,15 @@ def run_variants(opt):
     """Run the variants' benchmarks, opt.jobs at a time; each logs to OUTDIR/<variant>.log."""
     import os
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if opt.jobs > 1 else "2")}
-    todo = [(name, overlays) for name, _, overlays in VARIANTS if name in opt.variants]
+    todo = [(name, recipe) for name, _, recipe in VARIANTS if name in opt.variants]
     running, failed = [], []
     Path(opt.outdir).mkdir(parents=True, exist_ok=True)
     while todo or running:
         while todo and len(running) < opt.jobs:
-            name, overlays = todo.pop(0)
+            name, recipe = todo.pop(0)
             log = open(Path(opt.outdir) / f"{name}.log", "a")
             print(f"{name}: started (log {log.name})", flush=True)
-            running.append((name, log, subprocess.Popen(benchmark_command(opt, name, overlays), cwd=ROOT,
+            running.append((name, log, subprocess.Popen(benchmark_command(opt, name, recipe), cwd=ROOT,
                                                         stdout=log, stderr=subprocess.STDOUT, env=env)))
         time.sleep(2)
         for item in list(running):

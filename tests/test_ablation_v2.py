@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 V2_CKPT = ROOT / "models/toy/shapes-v2-ldm.safetensors"
 
 
-def merged(overlays):
+def merged(recipe):
     ablation = load_script("ablation_v2")
-    return OmegaConf.merge(*(OmegaConf.load(ROOT / p) for p in ablation.BASE + overlays + [ablation.V2_OVERLAY]))
+    return OmegaConf.merge(*(OmegaConf.load(ROOT / p) for p in recipe + [ablation.V2_OVERLAY]))
 
 
 def test_each_variant_changes_what_the_paper_changes():
     ablation = load_script("ablation_v2")
-    variants = {name: merged(overlays) for name, _, overlays in ablation.VARIANTS}
+    variants = {name: merged(recipe) for name, _, recipe in ablation.VARIANTS}
     base = variants["original"]
     manager = lambda c: c.model.params.personalization_config  # noqa: E731
     assert manager(base).target == "ldm.modules.embedding_manager.EmbeddingManager"
@@ -39,6 +39,8 @@ def test_each_variant_changes_what_the_paper_changes():
     assert base.model.params.embedding_reg_weight == 0
     assert variants["regulariser"].model.params.embedding_reg_weight > 0
     assert manager(variants["xti"]).target == "ldm.modules.xti.XTIEmbeddingManager"
+    v1_default = variants.pop("toy-v1-default")  # compared as it is, not as one change
+    assert manager(v1_default).params.num_vectors_per_token == 48 and v1_default.model.params.min_timestep == 700
     # nothing else differs from the original's recipe
     for name, config in variants.items():
         assert config.data.params.batch_size == base.data.params.batch_size, name
@@ -47,7 +49,7 @@ def test_each_variant_changes_what_the_paper_changes():
 
 def test_per_image_tokens_are_single_tokens_of_the_toy_text_encoder():
     from ldm.util import instantiate_from_config
-    config = merged(["configs/toy/recipes/per-image-tokens.yaml"])
+    config = merged([*load_script("ablation_v2").BASE, "configs/toy/recipes/per-image-tokens.yaml"])
     encoder = instantiate_from_config(config.model.params.cond_stage_config)
     for word in config.model.params.personalization_config.params.per_image_tokens:
         assert len(encoder.string_to_token_ids(word)) == 1, word
