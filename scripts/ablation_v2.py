@@ -117,8 +117,13 @@ def collect(opt):
     return rows, references
 
 
+IDENTITY = ("hue", "pattern", "shape")  # what reconstruction asks for, each read on its own
+
+
 def summarise(concepts, key, label):
     mean = {a: sum(c[key][a] for c in concepts) / len(concepts) for a in AXES}
+    # which part of the identity a word keeps: each attribute's rate on the reconstruction prompt
+    mean.update({a: sum(c[key]["prompts"][0][f"rate_{a}"] for c in concepts) / len(concepts) for a in IDENTITY})
     worst = {a: min(((c["concept"], c[key][a]) for c in concepts), key=lambda x: x[1]) for a in AXES[:2]}
     return {"label": label, "mean": mean, "worst": worst, "n": len(concepts),
             "concepts": sorted(c["concept"] for c in concepts)}
@@ -129,12 +134,13 @@ def markdown(rows, references, opt):
         return f"{100 * x:.0f}%"
     lines = [f"{opt.max_steps} training steps per concept, {opt.n_samples} samples per prompt, DDIM "
              f"{opt.ddim_steps}; means over {next(iter(rows.values()))['n'] if rows else 0} concepts", "",
-             "| variant | reconstruction | editability | identity under edits | edits obeyed | sum | worst "
-             "reconstruction | worst editability |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | reconstruction | editability | identity under edits | edits obeyed | sum | hue / pattern / "
+             "shape kept | worst reconstruction | worst editability |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in list(rows.items()) + list(references.items()):
         m, w = row["mean"], row["worst"]
         lines.append(f"| {name}: {row['label']} | " + " | ".join(pct(m[a]) for a in AXES)
                      + f" | {pct(m['reconstruction'] + m['editability'])} | "
+                     + " / ".join(pct(m[a]) for a in IDENTITY) + " | "
                      + " | ".join(f"{w[a][0]} {pct(w[a][1])}" for a in AXES[:2]) + " |")
     return "\n".join(lines) + "\n"
 

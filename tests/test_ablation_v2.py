@@ -81,6 +81,9 @@ def test_two_variants_end_to_end_and_the_table(tmp_path):
     for row in list(numbers["variants"].values()) + list(numbers["references"].values()):
         assert row["concepts"] == [concept.name]
         assert all(0.0 <= row["mean"][axis] <= 1.0 for axis in ("reconstruction", "editability"))
+        # reconstruction needs all three identity attributes, so it is at most the rarest one's rate
+        assert row["mean"]["reconstruction"] <= min(row["mean"][a] for a in ("hue", "pattern", "shape")) + 1e-9
+    assert "hue / pattern / shape kept" in table
     # the per-image-tokens run learned its extra words too, and the benchmark scored "*" alone
     per_image = json.loads((out / "per-image-tokens" / concept.name / "result.json").read_text())
     assert per_image["learned"]["prompts"][0]["prompt"] == "a photo of *"
