@@ -110,6 +110,12 @@ def collect(opt):
         if name not in opt.variants or not path.is_file():
             continue
         concepts = json.loads(path.read_text())["concepts"]
+        if opt.concepts:  # a variant's folder may hold more concepts (an earlier, wider run): compare like with like
+            wanted = opt.concepts.split(",")
+            concepts = [c for c in concepts if c["concept"] in wanted]
+            if len(concepts) != len(wanted):
+                print(f"{name}: {path} lacks some of --concepts; left out of the table", flush=True)
+                continue
         rows[name] = summarise(concepts, "learned", label)
         for key, ref_label in REFERENCES:  # the same for every variant: the base model alone
             if key not in references and all(key in c for c in concepts):

@@ -90,3 +90,29 @@ def test_two_variants_end_to_end_and_the_table(tmp_path):
     saved = torch.load(Path(per_image["run"]) / "checkpoints" / "embeddings.pt", weights_only=True)
     assert list(saved["string_to_param"]) == ["*", "@", "#", "$", "%", "&"]
     assert Image.open(out / "ablation.png").size == (820, 520)
+
+
+def test_table_compares_variants_on_the_same_concepts(tmp_path):
+    # The original's folder may hold a wider run (all twelve concepts); the table must average the asked ones only,
+    # and leave out a variant that lacks any of them rather than average over fewer.
+    ablation = load_script("ablation_v2")
+
+    def result(name, rate):
+        scores = {"reconstruction": rate, "editability": rate / 2, "identity_under_edits": rate,
+                  "edits_obeyed": 1.0, "prompts": [{"rate_hue": rate, "rate_pattern": rate, "rate_shape": rate}]}
+        return {"concept": name, "learned": scores, "init": scores, "human": scores}
+
+    def write(variant, results):
+        (tmp_path / variant).mkdir()
+        (tmp_path / variant / "results.json").write_text(json.dumps({"concepts": results}))
+
+    write("original", [result("a", 0.2), result("b", 0.4), result("c", 1.0)])
+    write("two-vectors", [result("a", 0.6), result("b", 0.8)])
+    write("xti", [result("a", 0.5)])
+    opt = ablation.parse_args(["--outdir", str(tmp_path), "--concepts", "a,b"])
+    rows, references = ablation.collect(opt)
+    assert set(rows) == {"original", "two-vectors"}  # xti lacks concept b
+    assert rows["original"]["mean"]["reconstruction"] == pytest.approx(0.3) and rows["original"]["n"] == 2
+    assert rows["two-vectors"]["mean"]["editability"] == pytest.approx(0.35)
+    assert rows["original"]["worst"]["reconstruction"] == ("a", 0.2)
+    assert references["init"]["mean"]["reconstruction"] == pytest.approx(0.3)
