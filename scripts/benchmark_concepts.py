@@ -233,7 +233,7 @@ def reference_score(model, concept, opt, folder, subject, noun, name):
         if opt.init_cache else None
     if cache and (cache / "result.json").is_file() and (cache / "images.png").is_file():
         shutil.copyfile(cache / "images.png", folder / f"{name}.png")
-        print(f"  {subject!r}: scored before, {cache}", flush=True)
+        print(f"  {name.replace('_', ' ')}: scored before ({subject!r}), {cache}", flush=True)
         return json.loads((cache / "result.json").read_text())["rates"]
     rates, images = score_word(model, concept, subject, noun, opt)
     save_row(images, folder / f"{name}.png")
