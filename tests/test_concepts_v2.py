@@ -71,6 +71,12 @@ def test_v2_benchmark_scores_reconstruction_and_editability_and_resumes(tmp_path
     again = _benchmark(out, concept)
     assert again.returncode == 0 and "done before" in again.stdout
     assert (out / concept.name / "result.json").stat().st_mtime_ns == before
+    # another recipe (here: another seed) reuses both references, which depend on the base model alone
+    other = _benchmark(tmp_path / "other", concept, "--seed", "5")
+    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+    assert "init word: scored before" in other.stdout and "human caption: scored before" in other.stdout
+    reread = json.loads((tmp_path / "other" / concept.name / "result.json").read_text())
+    assert reread["human"] == result["human"] and reread["init"] == result["init"]
 
 
 def test_v2_recipe_matches_the_v2_model_configs():
