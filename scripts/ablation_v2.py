@@ -5,9 +5,9 @@
 
 Each variant is one run of scripts/benchmark_concepts.py --world v2 (same concepts, training steps, seeds and
 sampling), its recipe the original's (configs/toy/recipes/original.yaml) plus the variant's overlay (and, for
-comparison, the v1 toy default as it is); the benchmark's own resumption makes an interrupted ablation carry on. The references need no training: the init word
-and the paper's "human captions" (the words that fit the identity, `Concept.human_caption`), scored by every
-benchmark run alike. OUTDIR/ablation.md is the table (means over the concepts, the worst concept on each axis),
+comparison, the v1 toy default as it is); the benchmark's own resumption makes an interrupted ablation carry on.
+The references need no training: the init word and the paper's "human captions" (the words that fit the
+identity, `Concept.human_caption`), scored by every benchmark run alike. OUTDIR/ablation.md is the table (means over the concepts, the worst concept on each axis),
 ablation.json the numbers, ablation.png reconstruction against edits obeyed, one point per variant (the paper's
 Fig. 10, with the toy evaluator's rates in place of CLIP image and text similarities).
 """
@@ -20,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchmark_concepts import V2_COLUMNS as AXES, summarise as summarise_benchmark  # noqa: E402
 
 BASE = ["configs/toy/finetune-shapes.yaml", "configs/toy/recipes/original.yaml"]
 V2_OVERLAY = "configs/toy/finetune-shapes-v2.yaml"
@@ -38,7 +41,6 @@ VARIANTS = (
      ["configs/toy/finetune-shapes.yaml"]),
 )
 REFERENCES = (("init", "init word (no training)"), ("human", "human captions (no training)"))
-AXES = ("reconstruction", "editability", "identity_under_edits", "edits_obeyed")
 
 
 def parse_args(argv=None):
@@ -65,7 +67,8 @@ def parse_args(argv=None):
 
 
 def benchmark_command(opt, name, recipe):
-    cmd = [sys.executable, "scripts/benchmark_concepts.py", "--world", "v2", "--recipe", *recipe, V2_OVERLAY, "--outdir", str(Path(opt.outdir) / name), "--max_steps", str(opt.max_steps),
+    cmd = [sys.executable, "scripts/benchmark_concepts.py", "--world", "v2", "--recipe", *recipe, V2_OVERLAY,
+           "--outdir", str(Path(opt.outdir) / name), "--max_steps", str(opt.max_steps),
            "--n_samples", str(opt.n_samples), "--ddim_steps", str(opt.ddim_steps),
            "--curve_every", str(opt.curve_every)]
     if opt.concepts:
@@ -127,10 +130,12 @@ IDENTITY = ("hue", "pattern", "shape")  # what reconstruction asks for, each rea
 
 
 def summarise(concepts, key, label):
-    mean = {a: sum(c[key][a] for c in concepts) / len(concepts) for a in AXES}
-    # which part of the identity a word keeps: each attribute's rate on the reconstruction prompt
-    mean.update({a: sum(c[key]["prompts"][0][f"rate_{a}"] for c in concepts) / len(concepts) for a in IDENTITY})
-    worst = {a: min(((c["concept"], c[key][a]) for c in concepts), key=lambda x: x[1]) for a in AXES[:2]}
+    """The benchmark's own summary of one row (learned word or a reference), plus each identity attribute's rate
+    on the reconstruction prompt: which part of the identity a word keeps."""
+    summary = summarise_benchmark([{"learned": c[key], "concept": c["concept"]} for c in concepts])["learned"]
+    mean = {**summary["mean"],
+            **{a: sum(c[key]["prompts"][0][f"rate_{a}"] for c in concepts) / len(concepts) for a in IDENTITY}}
+    worst = {a: (one["concept"], one[a]) for a, one in summary["worst"].items()}
     return {"label": label, "mean": mean, "worst": worst, "n": len(concepts),
             "concepts": sorted(c["concept"] for c in concepts)}
 
