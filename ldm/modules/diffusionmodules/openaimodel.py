@@ -443,11 +443,12 @@ class UNetModel(nn.Module):
         if context is not None:
             check_layer_contexts(context, self.cross_attention_layer_names)
             context = context.type(self.dtype)
-        hs = []
-        for i, module in enumerate(self.input_blocks):
+        h = self.input_blocks[0](h, emb, context)
+        if self.position_embed is not None:
+            h = h + self.position_embed(coordinate_features(h).to(self.position_embed.weight.dtype)).to(h.dtype)
+        hs = [h]
+        for module in self.input_blocks[1:]:
             h = module(h, emb, context)
-            if i == 0 and self.position_embed is not None:
-                h = h + self.position_embed(coordinate_features(h).to(self.position_embed.weight.dtype)).to(h.dtype)
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
