@@ -43,7 +43,7 @@ WORLDS = {
                data="data/concepts_v2",
                ckpt="models/toy/shapes-v2-ldm.safetensors",
                inference_config="configs/toy/txt2img-shapes-v2-inference.yaml",
-               quick="orange-striped-circle,rose-solid-diamond,blue-two-tone-cross"),
+               quick="orange-striped-circle,rose-solid-diamond,violet-two-tone-cross"),
 }
 # World v2's edits: (prompt, what the edit asks). "{}" is the subject ("*" or "a <init word>"), "{noun}" the
 # bare word ("*" or "<init word>").

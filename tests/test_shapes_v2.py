@@ -10,8 +10,8 @@ from PIL import Image
 from evaluation.shapes_v2_eval import analyse_image, evaluate_images, parse_target, target_of
 from ldm.data.image_ops import to_uint8_hwc
 from ldm.data.shapes import COLOURS, SHAPES as NAMED_SHAPES
-from ldm.data.shapes_v2 import (CONCEPTS, HUES, PATTERNS, SHAPES, SIZES, UNNAMEABLE_WORDS, UNNAMED_HUES,
-                                UNNAMED_SHAPES, ObjectSpec, ShapesV2Dataset, get_concepts, patterns_for,
+from ldm.data.shapes_v2 import (CONCEPTS, HUES, PATTERN_WORDS, PATTERNS, SHAPES, SIZES, STAGE1_UNSAID_WORDS,
+                                UNNAMEABLE_WORDS, UNNAMED_HUES, V2_SHAPES, ObjectSpec, ShapesV2Dataset, get_concepts, patterns_for,
                                 position_phrase, random_spec, render, write_concepts)
 
 
@@ -40,7 +40,8 @@ def test_captions_never_name_an_unnameable_attribute():
         assert not set(tokens) & set(UNNAMEABLE_WORDS), caption
         # What a caption does name is true of its object.
         assert spec.hue in tokens or not set(tokens) & set(COLOURS), (spec, caption)
-        assert spec.shape in tokens or not set(tokens) & set(NAMED_SHAPES), (spec, caption)
+        assert spec.shape in tokens or not set(tokens) & set(SHAPES), (spec, caption)
+        assert PATTERN_WORDS[spec.pattern] in tokens or not set(tokens) & set(PATTERN_WORDS.values()), (spec, caption)
         assert spec.size in tokens or not set(tokens) & set(SIZES), (spec, caption)
         for row in ("top", "bottom"):
             assert row not in tokens or spec.row == row, (spec, caption)
@@ -49,9 +50,21 @@ def test_captions_never_name_an_unnameable_attribute():
         assert "centre" not in tokens or (spec.row, spec.column) == ("centre", "centre"), (spec, caption)
     assert 0.07 < empty / len(ds) < 0.13
     # Every nameable word is used, each in many captions.
-    for word in list(COLOURS) + list(NAMED_SHAPES) + list(SIZES) + ["top", "bottom", "left", "right", "centre"]:
+    for word in list(COLOURS) + list(SHAPES) + list(PATTERN_WORDS.values()) + list(SIZES) + ["top", "bottom", "left", "right", "centre"]:
         assert words[word] > 50, word
     assert not {w for w in words if re.search("|".join(UNNAMEABLE_WORDS), w)}
+
+
+def test_stage1_captions_name_no_pattern_nor_v2_shape_and_keep_the_other_words():
+    """pattern_words=False reproduces the captions the base model's first stage was trained on."""
+    with_words, stage1 = ShapesV2Dataset(length=600, seed=0), ShapesV2Dataset(length=600, seed=0, pattern_words=False)
+    for i in range(len(stage1)):
+        spec, caption = stage1.spec_and_caption(i)
+        assert not {w for w in caption.split() if re.search("|".join(STAGE1_UNSAID_WORDS), w)}, caption
+        np.testing.assert_array_equal(stage1[i]["image"], with_words[i]["image"])
+        # the same draws name the same size, colour and position; only pattern and v2-shape words differ
+        kept = set(caption.split()) - {"shape"} - set(SHAPES)
+        assert kept <= set(with_words.spec_and_caption(i)[1].split()), (caption, with_words.spec_and_caption(i)[1])
 
 
 def test_position_phrases():
@@ -70,7 +83,7 @@ def test_the_world_covers_every_attribute():
     assert {(s.row, s.column) for s in specs} == {(r, c) for r in ("top", "centre", "bottom")
                                                    for c in ("left", "centre", "right")}
     assert not any(s.shape == "cross" and s.pattern == "outline" for s in specs)
-    assert set(UNNAMED_HUES) < set(HUES) and set(UNNAMED_SHAPES) < set(SHAPES)
+    assert set(UNNAMED_HUES) < set(HUES) and set(V2_SHAPES) < set(SHAPES)
 
 
 def test_render_refuses_what_cannot_be_drawn():
@@ -129,8 +142,9 @@ def test_evaluator_reads_an_upscaled_image():
 def test_concepts_share_identity_not_layout_and_score_100_percent(tmp_path):
     assert len(CONCEPTS) >= 12 and len({c.name for c in CONCEPTS}) == len(CONCEPTS)
     for concept in CONCEPTS:
-        # Something about each identity has no word.
-        assert concept.hue in UNNAMED_HUES or concept.shape in UNNAMED_SHAPES or concept.pattern != "solid"
+        # Its hue has no word; its shape and pattern do (what the human-caption reference says).
+        assert concept.hue in UNNAMED_HUES and concept.init_word == concept.shape
+        assert concept.human_caption == f"a {PATTERN_WORDS[concept.pattern]} {concept.shape}"
         paths = concept.write(str(tmp_path / concept.name))
         specs = concept.specs()
         assert len({(s.row, s.column) for s in specs}) == 5 and {s.size for s in specs} == set(SIZES)
@@ -141,10 +155,10 @@ def test_concepts_share_identity_not_layout_and_score_100_percent(tmp_path):
 
 
 def test_concepts_are_a_deterministic_function_of_their_seed(tmp_path):
-    manifest = write_concepts(str(tmp_path / "a"), names="orange-striped-circle,green-outline-diamond")
-    write_concepts(str(tmp_path / "b"), names=["orange-striped-circle", "green-outline-diamond"])
-    assert list(manifest) == ["orange-striped-circle", "green-outline-diamond"]
-    assert manifest["green-outline-diamond"]["init_word"] == "square"
+    manifest = write_concepts(str(tmp_path / "a"), names="orange-striped-circle,rose-outline-diamond")
+    write_concepts(str(tmp_path / "b"), names=["orange-striped-circle", "rose-outline-diamond"])
+    assert list(manifest) == ["orange-striped-circle", "rose-outline-diamond"]
+    assert manifest["rose-outline-diamond"]["init_word"] == "diamond"
     for name in manifest:
         for a, b in zip(sorted((tmp_path / "a" / name).iterdir()), sorted((tmp_path / "b" / name).iterdir())):
             assert a.read_bytes() == b.read_bytes()

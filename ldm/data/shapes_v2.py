@@ -1,20 +1,27 @@
 """Toy world v2: identity the vocabulary cannot name, layout it can.
 
-The paper's question is whether a learned word keeps what words cannot say (an object's identity)
+The paper's question is whether a learned word keeps what words cannot say (an object's exact identity)
 and stays editable by the words they can (layout). v1 (`ldm.data.shapes`) names everything but
 layout; v2 splits an object's attributes into two kinds:
 
 - unnameable (never in a caption): the hue, when it is one of the six in-between hues of
-  UNNAMED_HUES (orange, chartreuse, ...); the fill PATTERN (solid, outline, striped, two-tone); the
-  shape, when it is one of UNNAMED_SHAPES (a diamond and an apex-down triangle);
-- nameable (in some captions): the six v1 colour words and four v1 shape words, when the object has
-  them; the SIZE class (small or large); the POSITION on a 3x3 grid (top/centre/bottom row,
-  left/centre/right column).
+  UNNAMED_HUES (orange, chartreuse, ...), each 30 degrees from the two colour words beside it;
+- nameable (in some captions): the six v1 colour words, when the object has one of those hues; the
+  shape (the four v1 shape words, "diamond" and "wedge"); the fill PATTERN ("solid", "outlined",
+  "striped", "two-tone"); the SIZE class (small or large); the POSITION on a 3x3 grid (top/centre/bottom
+  row, left/centre/right column).
 
-A caption names a random subset of the nameable attributes of its object ("a photo of a small red
-shape on the left", "a rendering of a circle", ...), never an unnameable one, and is empty with
+A caption names a random subset of the nameable attributes of its object ("a photo of a small striped
+red shape on the left", "a rendering of a diamond", ...), never an unnamed hue, and is empty with
 probability empty_caption_prob (for classifier-free guidance). The noun is the shape's word when the
 shape is named and "shape" otherwise.
+
+Why patterns and shapes have words: the base model was first trained with captions that named neither
+(`pattern_words=False`, stage 1 in docs/toy_model.md). It drew every pattern, but no text -- the words
+nor a learned embedding -- could choose one: a model learns to take from its text only what its
+captions told it, and a learned word can reach only what the text pathway reaches (docs/method.md).
+An unnamed *hue* is reachable because the colour words around it span the hue circle; an identity that
+words cannot say is, as in the paper, a point no word sits on, between the ones that do.
 
 Sizes are two classes with a gap between them (small: side 10-13 px, large: 18-21 px) and positions
 three per axis (the box against the low edge, centred, against the high edge; within REGION_MARGIN
@@ -51,9 +58,10 @@ UNNAMED_HUES = {
     "rose": (255, 0, 128),
 }
 HUES = {**COLOURS, **UNNAMED_HUES}  # twelve hues, 30 degrees apart
-UNNAMED_SHAPES = ("diamond", "wedge")
-SHAPES = NAMED_SHAPES + UNNAMED_SHAPES
+V2_SHAPES = ("diamond", "wedge")  # the shapes v1 does not have
+SHAPES = NAMED_SHAPES + V2_SHAPES
 PATTERNS = ("solid", "outline", "striped", "two-tone")
+PATTERN_WORDS = {"solid": "solid", "outline": "outlined", "striped": "striped", "two-tone": "two-tone"}
 SIZES = {"small": (10, 13), "large": (18, 21)}
 SMALL_MAX_SIDE = 15  # between the classes: what reads as small, in the world and off a blurred sample
 ROWS = ("top", "centre", "bottom")
@@ -65,7 +73,9 @@ DIM = 0.5  # brightness of the dim parts of striped and two-tone objects
 NOUN = "shape"  # the noun of a caption that does not name the shape
 # The v1 templates, less those that already say a size: size is a nameable attribute here.
 TEMPLATES = tuple(t for t in dict.fromkeys(imagenet_templates_small) if "small" not in t and "large" not in t)
-UNNAMEABLE_WORDS = tuple(UNNAMED_HUES) + UNNAMED_SHAPES + PATTERNS + ("outlined", "stripes", "stripe", "tone")
+UNNAMEABLE_WORDS = tuple(UNNAMED_HUES)
+# What stage-1 captions (pattern_words=False) never say either.
+STAGE1_UNSAID_WORDS = UNNAMEABLE_WORDS + V2_SHAPES + PATTERNS + ("outlined", "stripes", "stripe", "tone")
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,7 @@ def _grid_cell(start, side, names):
 def object_mask(shape, height, width=None):
     """Boolean (height, width) mask of a v2 shape filling its bounding box."""
     width = height if width is None else width
-    if shape in NAMED_SHAPES:
+    if shape in NAMED_SHAPES:  # v1's
         return shape_mask(shape, height, width)
     if shape == "wedge":
         return shape_mask("triangle", height, width)[::-1].copy()
@@ -208,19 +218,23 @@ def position_phrase(row, column):
     return ""
 
 
-def caption_for(spec, rng, templates=TEMPLATES, empty_caption_prob=0.1, name_prob=0.6):
+def caption_for(spec, rng, templates=TEMPLATES, empty_caption_prob=0.1, name_prob=0.6, pattern_words=True):
     """A caption naming each nameable attribute of spec with probability name_prob, position per axis
-    ("" with empty_caption_prob)."""
+    ("" with empty_caption_prob). pattern_words=False gives stage 1's captions, which name neither the
+    pattern nor the v2 shapes (and, with the same rng, the same words otherwise)."""
     if rng.random() < empty_caption_prob:
         return ""
     template = templates[rng.integers(len(templates))]
     named = rng.random(5) < name_prob  # size, colour, shape, row, column
+    shape_words = SHAPES if pattern_words else NAMED_SHAPES
     words = []
     if named[0]:
         words.append(spec.size)
+    if pattern_words and rng.random() < name_prob:
+        words.append(PATTERN_WORDS[spec.pattern])
     if named[1] and spec.hue in COLOURS:
         words.append(spec.hue)
-    words.append(spec.shape if named[2] and spec.shape in NAMED_SHAPES else NOUN)
+    words.append(spec.shape if named[2] and spec.shape in shape_words else NOUN)
     phrase = position_phrase(spec.row if named[3] else None, spec.column if named[4] else None)
     return " ".join([template.format(" ".join(words))] + ([phrase] if phrase else []))
 
@@ -228,8 +242,10 @@ def caption_for(spec, rng, templates=TEMPLATES, empty_caption_prob=0.1, name_pro
 class ShapesV2Dataset(Dataset):
     """Procedural text-to-image pairs of world v2: {"image": HWC float32 in [-1, 1], "caption": str}."""
 
-    def __init__(self, size=CANVAS, length=20000, seed=0, set="train", empty_caption_prob=0.1, name_prob=0.6):
+    def __init__(self, size=CANVAS, length=20000, seed=0, set="train", empty_caption_prob=0.1, name_prob=0.6,
+                 pattern_words=True):
         self.size = size
+        self.pattern_words = pattern_words
         self.length = length
         self.seed = seed
         self.set = set
@@ -245,7 +261,8 @@ class ShapesV2Dataset(Dataset):
             raise IndexError(i)
         rng = np.random.default_rng([self.seed, self._stream, i])
         spec = random_spec(rng)
-        return spec, caption_for(spec, rng, empty_caption_prob=self.empty_caption_prob, name_prob=self.name_prob)
+        return spec, caption_for(spec, rng, empty_caption_prob=self.empty_caption_prob, name_prob=self.name_prob,
+                                 pattern_words=self.pattern_words)
 
     def __getitem__(self, i):
         spec, caption = self.spec_and_caption(i)
@@ -257,8 +274,8 @@ class ShapesV2Dataset(Dataset):
 
 @dataclass(frozen=True)
 class Concept:
-    """A v2 benchmark concept: an identity (shape, hue, fill pattern) at least part of which no word names. Its
-    images vary in size and position, so identity is all they share; the init word is the nearest shape word."""
+    """A v2 benchmark concept: an identity (shape, hue, fill pattern) whose hue no word names. Its images vary in
+    size and position, so identity is all they share; the init word is the shape's word."""
     name: str
     shape: str
     hue: str
@@ -273,10 +290,11 @@ class Concept:
 
     @property
     def human_caption(self):
-        """What the vocabulary can say of the identity: the colour word when the hue has one, then the init word
-        (the shape's word, or the nearest named shape's): "a red square", "a circle". The paper's "human
-        captions" reference of the ablation (docs/method.md)."""
-        return " ".join(["a"] + ([self.hue] if self.hue in COLOURS else []) + [self.init_word])
+        """What the vocabulary can say of the identity: the pattern's word, the colour word when the hue has one,
+        then the shape's, after "a" as in the training captions ("a photo of a {}"): "a striped red square", "a
+        outlined circle". The paper's "human captions" reference of the ablation (docs/method.md)."""
+        words = [PATTERN_WORDS[self.pattern]] + ([self.hue] if self.hue in COLOURS else []) + [self.shape]
+        return "a " + " ".join(words)
 
     def specs(self, n=5):
         """n objects of this identity in n different grid cells, both sizes among them."""
@@ -297,16 +315,12 @@ class Concept:
         return paths
 
 
-# The nearest word the vocabulary has for each shape: an unnamed shape starts from the named one it resembles.
-INIT_WORDS = {**{shape: shape for shape in NAMED_SHAPES}, "diamond": "square", "wedge": "triangle"}
-
-
 def _concept(hue, pattern, shape, seed):
-    return Concept(f"{hue}-{pattern}-{shape}", shape, hue, pattern, INIT_WORDS[shape], seed)
+    return Concept(f"{hue}-{pattern}-{shape}", shape, hue, pattern, shape, seed)
 
 
-# Every pattern at least twice (outline 4, striped 3, two-tone 3, solid 2), every shape at least once (the unnamed
-# diamond 3 times, the wedge twice), eight of twelve in an unnamed hue; none is wholly nameable.
+# Every unnamed hue twice, every pattern at least twice (outline 4, striped 3, two-tone 3, solid 2), every shape at
+# least once (the diamond 3 times): the words can say each one's shape and pattern, none its hue.
 CONCEPTS = (
     _concept("orange", "striped", "circle", 301),
     _concept("violet", "outline", "square", 302),
@@ -314,13 +328,17 @@ CONCEPTS = (
     _concept("rose", "solid", "diamond", 304),
     _concept("chartreuse", "striped", "wedge", 305),
     _concept("spring", "outline", "circle", 306),
-    _concept("red", "striped", "diamond", 307),
-    _concept("blue", "two-tone", "cross", 308),
+    _concept("spring", "striped", "diamond", 307),
+    _concept("violet", "two-tone", "cross", 308),
     _concept("orange", "outline", "wedge", 309),
-    _concept("magenta", "two-tone", "square", 310),
+    _concept("chartreuse", "two-tone", "square", 310),
     _concept("azure", "solid", "cross", 311),
-    _concept("green", "outline", "diamond", 312),
+    _concept("rose", "outline", "diamond", 312),
 )
+
+
+# `make demo`'s concept (scripts/demo.py): none of the benchmark's, so the default recipe was not chosen on it.
+DEMO_CONCEPT = _concept("azure", "striped", "square", 401)
 
 
 def get_concepts(names=None):
