@@ -7,11 +7,11 @@
 Prints, per combination, the fraction of samples whose colour, shape and both are read back by the toy
 evaluator, and the averages over all combinations (DESIGN.md's bar: >= 90% for colour and shape together).
 
-World v2 (`ldm/data/shapes_v2.py`): each of the 24 prompts names a colour, a shape, a size and a position
-("a photo of a small red circle in the top left"; sizes alternate, positions cycle through the grid's cells and
-the phrases that name one axis), and the v2 evaluator reads colour, shape, size and position (every named axis
-right) back; "all" is every named attribute right (issue 16's bars: >= 90% colour and shape, >= 80% position
-and size).
+World v2 (`ldm/data/shapes_v2.py`): each of the 36 prompts (6 colours x 6 shapes) names a size, a fill pattern,
+a colour, a shape and a position ("a photo of a small striped red diamond in the top left"; sizes alternate,
+patterns and positions cycle through the shape's patterns, the grid's cells and the phrases that name one axis),
+and the v2 evaluator reads colour, shape, pattern, size and position (every named axis right) back; "all" is
+every named attribute right (issue 16's bars: >= 90% colour and shape, >= 80% position and size).
 """
 import argparse
 import json
@@ -30,7 +30,7 @@ from ldm.checkpoint import load_model_from_config  # noqa: E402
 from ldm.cli_checks import run_cli  # noqa: E402
 from ldm.config_trust import load_trusted_config  # noqa: E402
 from ldm.data.shapes import COLOURS, SHAPES  # noqa: E402
-from ldm.data.shapes_v2 import position_phrase  # noqa: E402
+from ldm.data.shapes_v2 import PATTERN_WORDS, SHAPES as V2_SHAPES, patterns_for, position_phrase  # noqa: E402
 from ldm.models.diffusion.generate import SAMPLERS  # noqa: E402
 
 
@@ -39,23 +39,25 @@ V2_CELLS = (("top", "left"), ("top", None), ("top", "right"), (None, "left"), ("
             (None, "right"), ("bottom", "left"), ("bottom", None), ("bottom", "right"))
 DEFAULTS = {"v1": ("configs/toy/txt2img-shapes-inference.yaml", "models/toy/shapes-ldm.safetensors"),
             "v2": ("configs/toy/txt2img-shapes-v2-inference.yaml", "models/toy/shapes-v2-ldm.safetensors")}
-V2_KEYS = ("colour", "shape", "size", "position", "all")
+V2_KEYS = ("colour", "shape", "pattern", "size", "position", "all")
 
 
 def v2_prompts(half=False):
-    """(prompt, target) pairs: the 24 colour-shape combinations, each with a size and a position."""
-    pairs = []
+    """(prompt, target, seed offset) triples: the 36 colour-shape combinations (18 with half), each with a size,
+    a fill pattern and a position."""
+    triples = []
     for ci, colour in enumerate(COLOURS):
-        for si, shape in enumerate(SHAPES):
+        for si, shape in enumerate(V2_SHAPES):
             if half and (ci + si) % 2:
                 continue
-            k = len(SHAPES) * ci + si
-            size, (row, column) = ("small", "large")[(ci + si // 2) % 2], V2_CELLS[k % len(V2_CELLS)]
-            target = {"hue": colour, "shape": shape, "size": size}
+            k = len(V2_SHAPES) * ci + si
+            size, (row, column) = ("small", "large")[(ci // 3 + si) % 2], V2_CELLS[k % len(V2_CELLS)]
+            pattern = patterns_for(shape)[(ci + si // 2) % len(patterns_for(shape))]
+            target = {"hue": colour, "shape": shape, "pattern": pattern, "size": size}
             target.update({key: value for key, value in (("row", row), ("column", column)) if value})
-            pairs.append((f"a photo of a {size} {colour} {shape} {position_phrase(row, column)}", target,
-                          100 * ci + si))
-    return pairs
+            triples.append((f"a photo of a {size} {PATTERN_WORDS[pattern]} {colour} {shape} "
+                            f"{position_phrase(row, column)}", target, 100 * ci + si))
+    return triples
 
 
 def evaluate_v2(model, n_samples, ddim_steps, scale, seed, batch_size=64, sampler="ddim", half=False):
@@ -67,9 +69,9 @@ def evaluate_v2(model, n_samples, ddim_steps, scale, seed, batch_size=64, sample
         position = [all(a[key] == target[key] for key in ("row", "column") if key in target)
                     for a in scores["analyses"]]
         rates = scores["rates"]
-        rows.append({"prompt": prompt, "colour": rates["hue"], "shape": rates["shape"], "size": rates["size"],
-                     "position": sum(position) / len(position), "all": scores["joint"]})
-        print(f"{prompt:52} " + "  ".join(f"{k} {rows[-1][k]:.2f}" for k in V2_KEYS), flush=True)
+        rows.append({"prompt": prompt, "colour": rates["hue"], "shape": rates["shape"], "pattern": rates["pattern"],
+                     "size": rates["size"], "position": sum(position) / len(position), "all": scores["joint"]})
+        print(f"{prompt:62} " + "  ".join(f"{k} {rows[-1][k]:.2f}" for k in V2_KEYS), flush=True)
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in V2_KEYS}
     return rows, mean
 

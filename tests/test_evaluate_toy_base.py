@@ -26,21 +26,23 @@ def test_half_subset_with_a_k_sampler(tmp_path):
     assert all(0 <= v <= 1 for v in mean.values())
 
 
-def test_v2_prompts_name_every_size_and_position_for_every_shape():
-    from ldm.data.shapes_v2 import ROWS, COLUMNS
+def test_v2_prompts_name_every_size_pattern_and_position_for_every_shape():
+    from ldm.data.shapes_v2 import ROWS, COLUMNS, PATTERN_WORDS, SHAPES, patterns_for
     script = load_script("evaluate_toy_base")
     pairs = script.v2_prompts()
-    assert len(pairs) == 24 and len({p for p, _, _ in pairs}) == 24
+    assert len(pairs) == 36 and len({p for p, _, _ in pairs}) == 36
     for prompt, target, _ in pairs:
-        assert prompt.startswith(f"a photo of a {target['size']} {target['hue']} {target['shape']} ")
-        assert set(target) >= {"hue", "shape", "size"} and ("row" in target or "column" in target)
-    for shape in ("circle", "square", "triangle", "cross"):
+        words = f"{target['size']} {PATTERN_WORDS[target['pattern']]} {target['hue']} {target['shape']}"
+        assert prompt.startswith(f"a photo of a {words} ")
+        assert set(target) >= {"hue", "shape", "pattern", "size"} and ("row" in target or "column" in target)
+    for shape in SHAPES:
         assert {t["size"] for _, t, _ in pairs if t["shape"] == shape} == {"small", "large"}
+        assert {t["pattern"] for _, t, _ in pairs if t["shape"] == shape} == set(patterns_for(shape))
     cells = {(t.get("row"), t.get("column")) for _, t, _ in pairs}
     assert {(r, c) for r in ROWS for c in COLUMNS if "centre" not in (r, c)} | {("centre", "centre")} <= cells
     assert {("top", None), ("bottom", None), (None, "left"), (None, "right")} <= cells
     half = script.v2_prompts(half=True)
-    assert len(half) == 12 and {t["size"] for _, t, _ in half} == {"small", "large"}
+    assert len(half) == 18 and {t["size"] for _, t, _ in half} == {"small", "large"}
 
 
 @pytest.mark.skipif(not CKPT.is_file(), reason="the toy model is not in this checkout")
@@ -51,9 +53,11 @@ def test_v2_run_reports_colour_shape_size_and_position(tmp_path):
         ["--world", "v2", "--ckpt", str(CKPT), "--config", "configs/toy/txt2img-shapes-inference.yaml",
          "--ddim_steps", "2", "--n_samples", "1", "--half", "--json", str(out)])
     report = json.loads(out.read_text())
-    assert set(mean) == {"colour", "shape", "size", "position", "all"} and all(0 <= v <= 1 for v in mean.values())
-    assert len(report["prompts"]) == 12 and report["settings"]["world"] == "v2"
-    assert all(r["all"] <= min(r["colour"], r["shape"], r["size"], r["position"]) for r in report["prompts"])
+    assert set(mean) == {"colour", "shape", "pattern", "size", "position", "all"}
+    assert all(0 <= v <= 1 for v in mean.values())
+    assert len(report["prompts"]) == 18 and report["settings"]["world"] == "v2"
+    assert all(r["all"] <= min(r["colour"], r["shape"], r["pattern"], r["size"], r["position"])
+               for r in report["prompts"])
 
 
 V2_CKPT = ROOT / "models/toy/shapes-v2-ldm.safetensors"
