@@ -3,7 +3,8 @@
 Metrics:
 - the paper's CLIP similarities (--clip_dir, a local CLIP model folder): image similarity to the
   concept's training images (--data_dir) and text similarity to the prompt without its placeholder;
-- the toy shapes world's exact attribute match rates (--toy_target "magenta triangle large top").
+- the toy shapes world's exact attribute match rates (--toy_target "magenta triangle large top"; with
+  --toy_world v2, world v2's words: "orange striped diamond small top-left").
 
 Either sample from a model (--config, --ckpt, --embedding_path) or score a folder of existing
 images (--images_dir). Samples go to OUTDIR/<prompt>/samples/NNNNN.png; --json writes the numbers.
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from evaluation import sample_images  # noqa: E402
-from evaluation.shapes_eval import evaluate_images, parse_target  # noqa: E402
+from evaluation import shapes_eval, shapes_v2_eval  # noqa: E402
 from ldm.cli_checks import checked_parser, run_cli  # noqa: E402
 from ldm.data.image_ops import load_rgb  # noqa: E402
 from ldm.data.personalized import list_images  # noqa: E402
@@ -53,6 +54,8 @@ def build_parser():
     p.add_argument("--clip_dir", type=str, help="local transformers CLIP model folder: report CLIP similarities")
     p.add_argument("--toy_target", type=str,
                    help='toy shapes target, e.g. "magenta triangle large top": report attribute match rates')
+    p.add_argument("--toy_world", choices=("v1", "v2"), default="v1",
+                   help="which toy world's evaluator reads --toy_target (ldm/data/shapes.py or shapes_v2.py)")
     p.add_argument("--json", type=str, help="also write the results to this JSON file")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -74,7 +77,16 @@ def check_options(opt):
         path = getattr(opt, flag)
         if path is not None and not os.path.isdir(path):
             raise SystemExit(f"--{flag} folder not found: {path}")
-    return parse_target(opt.toy_target) if opt.toy_target else None
+    if not opt.toy_target:
+        return None
+    try:
+        return toy_evaluator(opt).parse_target(opt.toy_target)
+    except ValueError as err:
+        raise SystemExit(f"--toy_target: {err}") from err
+
+
+def toy_evaluator(opt):
+    return shapes_v2_eval if opt.toy_world == "v2" else shapes_eval
 
 
 def generate(opt):
@@ -117,7 +129,7 @@ def measure(opt, target, images, references, placeholders):
     if target:
         for name, batch in (("generated", images), ("reference", references)):
             if batch:
-                scores = evaluate_images(batch, target)
+                scores = toy_evaluator(opt).evaluate_images(batch, target)
                 results[name].update({f"toy_{k}": v for k, v in scores["rates"].items()})
                 results[name]["toy_joint"] = scores["joint"]
     return {name: metrics for name, metrics in results.items() if metrics}
