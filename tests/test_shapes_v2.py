@@ -212,3 +212,20 @@ def test_evaluate_model_script_reads_v2_targets(tmp_path):
     assert report["generated"]["toy_joint"] == on_left
     with pytest.raises(SystemExit, match="--toy_target.*purple"):
         evaluate_model.main(["--images_dir", str(folder), "--toy_world", "v2", "--toy_target", "purple square"])
+
+
+def test_stage2_config_continues_stage1_with_pattern_words():
+    """The two --base files main.py merges to train the shipped v2 model: stage 1's captions name no pattern, stage
+    2 continues stage 1's shipped export on captions that do."""
+    from omegaconf import OmegaConf
+    from ldm.util import instantiate_from_config
+    root = Path(__file__).resolve().parents[1]
+    stage1 = OmegaConf.load(root / "configs/toy/txt2img-shapes-v2.yaml")
+    stage2 = OmegaConf.merge(stage1, OmegaConf.load(root / "configs/toy/txt2img-shapes-v2-stage2.yaml"))
+    captions = {}
+    for name, config in (("stage1", stage1), ("stage2", stage2)):
+        ds = instantiate_from_config(config.data.params.train)
+        captions[name] = " ".join(ds.spec_and_caption(i)[1] for i in range(300))
+    assert not re.search("|".join(STAGE1_UNSAID_WORDS), captions["stage1"])
+    assert all(word in captions["stage2"].split() for word in list(PATTERN_WORDS.values()) + list(V2_SHAPES))
+    assert (root / stage2.model.params.ckpt_path).is_file() and stage2.model.params.unet_config.params.position_input
