@@ -65,10 +65,11 @@ V2_CKPT = ROOT / "models/toy/shapes-v2-ldm.safetensors"
 
 @pytest.mark.skipif(not V2_CKPT.is_file(), reason="the v2 toy model is not in this checkout")
 def test_shipped_v2_model_obeys_the_nameable_words(tmp_path):
-    # The v2 base model exists so that edits by position and size words can be measured: it must obey them.
-    # Full evaluation (docs/toy_model.md): colour 100%, shape 97%, size 96%, position 84%; here a 48-sample
-    # slice, so the floors sit below those numbers (chance: position 1/9-1/3, size 1/2).
+    # The v2 base model exists so that edits by position and size words can be measured, and so that the words
+    # for patterns and shapes steer what a learned word must keep: it must obey them. Full evaluation
+    # (docs/toy_model.md): colour 100%, shape 91%, pattern 82%, size 99%, position 100%; here a 72-sample slice,
+    # so the floors sit below those numbers (chance: position 1/9-1/3, size 1/2, pattern 1/4).
     mean = load_script("evaluate_toy_base").main(
         ["--world", "v2", "--ddim_steps", "25", "--n_samples", "4", "--half", "--json", str(tmp_path / "v2.json")])
-    assert mean["colour"] >= 0.9 and mean["shape"] >= 0.75
-    assert mean["size"] >= 0.75 and mean["position"] >= 0.7, mean
+    assert mean["colour"] >= 0.9 and mean["shape"] >= 0.75 and mean["pattern"] >= 0.6
+    assert mean["size"] >= 0.85 and mean["position"] >= 0.85, mean
