@@ -193,22 +193,22 @@ def test_shipped_v2_concepts_are_what_the_generator_writes(tmp_path):
 
 
 def test_evaluate_model_script_reads_v2_targets(tmp_path):
-    """scripts/evaluate_model.py --toy_world v2 (what `make demo` scores with): a concept's own images are 100% its
-    identity; an edit's position word is read too; a word of the other world is refused with the option's name."""
+    """scripts/evaluate_model.py --toy_world v2: a concept's own images are 100% its identity; an edit's position word
+    is read too; a word of the other world is refused with the option's name."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("evaluate_model", Path(__file__).resolve().parents[1]
                                                   / "scripts" / "evaluate_model.py")
     evaluate_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate_model)
-    from ldm.data.shapes_v2 import DEMO_CONCEPT
+    concept = CONCEPTS[-1]
     folder = tmp_path / "concept"
-    DEMO_CONCEPT.write(str(folder))
+    concept.write(str(folder))
     report = evaluate_model.main(["--images_dir", str(folder), "--toy_world", "v2", "--toy_target",
-                                  DEMO_CONCEPT.target, "--json", str(tmp_path / "r.json")])
+                                  concept.target, "--json", str(tmp_path / "r.json")])
     assert report["generated"]["toy_joint"] == 1.0 and report["generated"]["toy_pattern"] == 1.0
-    on_left = sum(s.column == "left" for s in DEMO_CONCEPT.specs()) / 5
+    on_left = sum(s.column == "left" for s in concept.specs()) / 5
     report = evaluate_model.main(["--images_dir", str(folder), "--toy_world", "v2", "--toy_target",
-                                  f"{DEMO_CONCEPT.target} left"])
+                                  f"{concept.target} left"])
     assert report["generated"]["toy_joint"] == on_left
     with pytest.raises(SystemExit, match="--toy_target.*purple"):
         evaluate_model.main(["--images_dir", str(folder), "--toy_world", "v2", "--toy_target", "purple square"])

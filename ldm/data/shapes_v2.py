@@ -337,10 +337,6 @@ CONCEPTS = (
 )
 
 
-# `make demo`'s concept (scripts/demo.py): none of the benchmark's, so the default recipe was not chosen on it.
-DEMO_CONCEPT = _concept("azure", "striped", "square", 401)
-
-
 def get_concepts(names=None):
     """CONCEPTS, or those named (a list or a comma-separated string), in the order given."""
     if not names:
