@@ -55,7 +55,7 @@ def build_parser():
     p.add_argument("--toy_target", type=str,
                    help='toy shapes target, e.g. "magenta triangle large top": report attribute match rates')
     p.add_argument("--toy_world", choices=("v1", "v2"), default="v1",
-                   help="which toy world's evaluator reads --toy_target (ldm/data/shapes.py or shapes_v2.py)")
+                   help="which toy world's evaluator reads --toy_target: v1 (layouts) or v2 (identity and edits)")
     p.add_argument("--json", type=str, help="also write the results to this JSON file")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     return p
