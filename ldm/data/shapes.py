@@ -247,16 +247,21 @@ CONCEPTS = (
 )
 
 
-def get_concepts(names=None):
-    """CONCEPTS, or those named (a list or a comma-separated string), in the order given."""
+def select_concepts(concepts, names=None, what="concept"):
+    """concepts, or those named (a list or a comma-separated string), in the order given."""
     if not names:
-        return list(CONCEPTS)
-    by_name = {c.name: c for c in CONCEPTS}
+        return list(concepts)
+    by_name = {c.name: c for c in concepts}
     names = names.split(",") if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise ValueError(f"Unknown concept(s) {unknown}; the benchmark's concepts are {list(by_name)}")
+        raise ValueError(f"Unknown {what}(s) {unknown}; the benchmark's {what}s are {list(by_name)}")
     return [by_name[n] for n in names]
+
+
+def get_concepts(names=None):
+    """CONCEPTS, or those named (a list or a comma-separated string), in the order given."""
+    return select_concepts(CONCEPTS, names)
 
 
 def write_concepts(root, names=None, n=5):

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.image_ops import to_model_range
 from ldm.data.personalized import imagenet_templates_small
-from ldm.data.shapes import CANVAS, COLOURS, SHAPES as NAMED_SHAPES, shape_mask
+from ldm.data.shapes import CANVAS, COLOURS, SHAPES as NAMED_SHAPES, select_concepts, shape_mask
 
 UNNAMED_HUES = {
     "orange": (255, 128, 0),
@@ -339,14 +339,7 @@ CONCEPTS = (
 
 def get_concepts(names=None):
     """CONCEPTS, or those named (a list or a comma-separated string), in the order given."""
-    if not names:
-        return list(CONCEPTS)
-    by_name = {c.name: c for c in CONCEPTS}
-    names = names.split(",") if isinstance(names, str) else list(names)
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise ValueError(f"Unknown v2 concept(s) {unknown}; the benchmark's v2 concepts are {list(by_name)}")
-    return [by_name[n] for n in names]
+    return select_concepts(CONCEPTS, names, what="v2 concept")
 
 
 def write_concepts(root, names=None, n=5):
