@@ -30,7 +30,7 @@ from ldm.checkpoint import load_model_from_config  # noqa: E402
 from ldm.cli_checks import run_cli  # noqa: E402
 from ldm.config_trust import load_trusted_config  # noqa: E402
 from ldm.data.shapes import COLOURS, SHAPES  # noqa: E402
-from ldm.data.shapes_v2 import PATTERN_WORDS, SHAPES as V2_SHAPES, patterns_for, position_phrase  # noqa: E402
+from ldm.data import shapes_v2  # noqa: E402
 from ldm.models.diffusion.generate import SAMPLERS  # noqa: E402
 
 
@@ -47,16 +47,17 @@ def v2_prompts(half=False):
     a fill pattern and a position."""
     triples = []
     for ci, colour in enumerate(COLOURS):
-        for si, shape in enumerate(V2_SHAPES):
+        for si, shape in enumerate(shapes_v2.SHAPES):
             if half and (ci + si) % 2:
                 continue
-            k = len(V2_SHAPES) * ci + si
+            k = len(shapes_v2.SHAPES) * ci + si
             size, (row, column) = ("small", "large")[(ci // 3 + si) % 2], V2_CELLS[k % len(V2_CELLS)]
-            pattern = patterns_for(shape)[(ci + si // 2) % len(patterns_for(shape))]
+            patterns = shapes_v2.patterns_for(shape)
+            pattern = patterns[(ci + si // 2) % len(patterns)]
             target = {"hue": colour, "shape": shape, "pattern": pattern, "size": size}
             target.update({key: value for key, value in (("row", row), ("column", column)) if value})
-            triples.append((f"a photo of a {size} {PATTERN_WORDS[pattern]} {colour} {shape} "
-                            f"{position_phrase(row, column)}", target, 100 * ci + si))
+            triples.append((f"a photo of a {size} {shapes_v2.PATTERN_WORDS[pattern]} {colour} {shape} "
+                            f"{shapes_v2.position_phrase(row, column)}", target, 100 * ci + si))
     return triples
 
 
