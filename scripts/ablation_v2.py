@@ -7,9 +7,10 @@ Each variant is one run of scripts/benchmark_concepts.py --world v2 (same concep
 sampling), its recipe the original's (configs/toy/recipes/original.yaml) plus the variant's overlay (and, for
 comparison, the v1 toy default as it is); the benchmark's own resumption makes an interrupted ablation carry on.
 The references need no training: the init word and the paper's "human captions" (the words that fit the
-identity, `Concept.human_caption`), scored by every benchmark run alike. OUTDIR/ablation.md is the table (means over the concepts, the worst concept on each axis),
-ablation.json the numbers, ablation.png reconstruction against edits obeyed, one point per variant (the paper's
-Fig. 10, with the toy evaluator's rates in place of CLIP image and text similarities).
+identity, `Concept.human_caption`), scored by every benchmark run alike. OUTDIR/ablation.md is the table (means
+over the concepts, the worst concept on each axis), ablation.json the numbers, ablation.png reconstruction
+against edits obeyed, one point per variant (the paper's Fig. 10, with the toy evaluator's rates in place of CLIP
+image and text similarities).
 """
 import argparse
 import json
