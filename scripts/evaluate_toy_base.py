@@ -12,6 +12,11 @@ a colour, a shape and a position ("a photo of a small striped red diamond in the
 patterns and positions cycle through the shape's patterns, the grid's cells and the phrases that name one axis),
 and the v2 evaluator reads colour, shape, pattern, size and position (every named axis right) back; "all" is
 every named attribute right (issue 16's bars: >= 90% colour and shape, >= 80% position and size).
+
+`--world v2 --between` asks for the six unnamed hues instead, in the same 36 prompts: the colour word is the
+placeholder "*", embedded as the mean of the two colour words beside the hue (ldm.data.shapes_v2.HUE_BLENDS, the
+point the stage-3 captions taught). It measures whether any embedding reaches each in-between hue, which a learned
+word needs before it can keep one.
 """
 import argparse
 import json
@@ -42,11 +47,11 @@ DEFAULTS = {"v1": ("configs/toy/txt2img-shapes-inference.yaml", "models/toy/shap
 V2_KEYS = ("colour", "shape", "pattern", "size", "position", "all")
 
 
-def v2_prompts(half=False):
+def v2_prompts(half=False, between=False):
     """(prompt, target, seed offset) triples: the 36 colour-shape combinations (18 with half), each with a size,
-    a fill pattern and a position."""
+    a fill pattern and a position; with between, the unnamed hues in place of the colours, written "*"."""
     triples = []
-    for ci, colour in enumerate(COLOURS):
+    for ci, colour in enumerate(shapes_v2.UNNAMED_HUES if between else COLOURS):
         for si, shape in enumerate(shapes_v2.SHAPES):
             if half and (ci + si) % 2:
                 continue
@@ -56,14 +61,25 @@ def v2_prompts(half=False):
             pattern = patterns[(ci + si // 2) % len(patterns)]
             target = {"hue": colour, "shape": shape, "pattern": pattern, "size": size}
             target.update({key: value for key, value in (("row", row), ("column", column)) if value})
-            triples.append((f"a photo of a {size} {shapes_v2.PATTERN_WORDS[pattern]} {colour} {shape} "
+            word = "*" if between else colour
+            triples.append((f"a photo of a {size} {shapes_v2.PATTERN_WORDS[pattern]} {word} {shape} "
                             f"{shapes_v2.position_phrase(row, column)}", target, 100 * ci + si))
     return triples
 
 
-def evaluate_v2(model, n_samples, ddim_steps, scale, seed, batch_size=64, sampler="ddim", half=False):
+def blend_vector(encoder, words):
+    """The embedding train_blends gives a marker of `words`: the mean of the words' (each its tokens' mean)."""
+    weight = encoder.token_embedding.weight
+    return torch.stack([weight[encoder.string_to_token_ids(w)].mean(0) for w in words]).mean(0, keepdim=True)
+
+
+def evaluate_v2(model, n_samples, ddim_steps, scale, seed, batch_size=64, sampler="ddim", half=False,
+                between=False):
     rows = []
-    for prompt, target, offset in v2_prompts(half):
+    for prompt, target, offset in v2_prompts(half, between):
+        if between:
+            vector = blend_vector(model.cond_stage_model, shapes_v2.HUE_BLENDS[target["hue"]][1])
+            model.embedding_manager.string_to_param_dict["*"].data.copy_(vector)
         images = sample_images(model, prompt, n_samples, ddim_steps=ddim_steps, scale=scale,
                                batch_size=batch_size, seed=seed + offset, sampler=sampler)
         scores = shapes_v2_eval.evaluate_images(list(images), target)
@@ -110,8 +126,12 @@ def main(argv=None):
     p.add_argument("--half", action="store_true",
                    help="only the 12 combinations whose colour and shape indices sum to an even number (every "
                         "colour twice, every shape three times; each with the seed it has in a full run)")
+    p.add_argument("--between", action="store_true",
+                   help="world v2: ask for the unnamed hues, each as the mean of its two neighbouring colour words")
     p.add_argument("--json", default=None, help="write the per-prompt rates and the means here")
     opt = p.parse_args(argv)
+    if opt.between and opt.world != "v2":
+        raise SystemExit("--between asks for world v2's unnamed hues: add --world v2")
     opt.config = opt.config or DEFAULTS[opt.world][0]
     opt.ckpt = opt.ckpt or DEFAULTS[opt.world][1]
     for path in (opt.config, opt.ckpt):
@@ -120,9 +140,12 @@ def main(argv=None):
     start = time.time()
     model = load_model_from_config(load_trusted_config(opt.config, opt.trust_config), opt.ckpt, verbose=False)
     with torch.no_grad():
-        run = evaluate_v2 if opt.world == "v2" else evaluate
-        rows, mean = run(model, opt.n_samples, opt.ddim_steps, opt.scale, opt.seed, sampler=opt.sampler,
-                         half=opt.half)
+        if opt.world == "v2":
+            rows, mean = evaluate_v2(model, opt.n_samples, opt.ddim_steps, opt.scale, opt.seed, sampler=opt.sampler,
+                                     half=opt.half, between=opt.between)
+        else:
+            rows, mean = evaluate(model, opt.n_samples, opt.ddim_steps, opt.scale, opt.seed, sampler=opt.sampler,
+                                  half=opt.half)
     print(f"\nmean over {len(rows)} prompts x {opt.n_samples} samples (scale {opt.scale}, {opt.sampler} "
           f"{opt.ddim_steps} steps, seed {opt.seed}): " + "  ".join(f"{k} {v:.3f}" for k, v in mean.items())
           + f"   [{time.time() - start:.0f} s]")

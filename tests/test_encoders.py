@@ -180,3 +180,33 @@ def test_bert_embedder():
     torch.testing.assert_close(embedder.encode_tokens(embedder.tokenize(["a red square"])), out[1:])
     assert embedder.string_to_token_ids("*") == [1008]
     assert embedder.embedding_dim == 32
+
+
+def test_train_blends_embed_a_marker_as_its_words_mean_in_training_only():
+    """The toy v2 base model's stage 3: a marker points between words while training; afterwards it names nothing."""
+    torch.manual_seed(0)
+    clip = FrozenCLIPEmbedder(config=TINY, freeze=False, train_blends={"&": ["red", "cyan"]})
+    weight = clip.token_embedding.weight
+    red, cyan = clip.string_to_token_ids("red"), clip.string_to_token_ids("cyan")
+    assert len(cyan) == 2  # a word of several tokens counts as their mean
+    blend = (weight[red].mean(0) + weight[cyan].mean(0)) / 2
+    tokens = clip.tokenize(["a & circle", "a red circle"])
+    seen = {}
+    clip.text_model.embeddings.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    clip.train()
+    clip.encode_tokens(tokens).sum().backward()
+    position = clip.text_model.embeddings.position_embedding.weight[2]
+    torch.testing.assert_close(seen["out"][0, 2], blend + position)
+    assert weight.grad[red].abs().sum() > 0 and weight.grad[cyan].abs().sum() > 0
+    assert weight.grad[clip.string_to_token_ids("&")].abs().sum() == 0
+    clip.eval()
+    with torch.no_grad():
+        clip.encode_tokens(tokens)
+    torch.testing.assert_close(seen["out"][0, 2], weight[clip.string_to_token_ids("&")[0]] + position)
+
+
+def test_train_blends_refuse_a_marker_of_several_tokens_or_no_words():
+    with pytest.raises(ValueError, match="marker 'orange-ish'.*exactly one"):
+        FrozenCLIPEmbedder(config=TINY, train_blends={"orange-ish": ["red", "yellow"]})
+    with pytest.raises(ValueError, match=r"train_blends\['&'\].*list of words"):
+        FrozenCLIPEmbedder(config=TINY, train_blends={"&": "red"})

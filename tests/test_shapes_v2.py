@@ -1,4 +1,5 @@
 """Toy world v2: determinism, what captions may say, and the v2 evaluator's accuracy on the world's own images."""
+import colorsys
 import re
 from collections import Counter
 from pathlib import Path
@@ -10,7 +11,7 @@ from PIL import Image
 from evaluation.shapes_v2_eval import analyse_image, evaluate_images, parse_target, target_of
 from ldm.data.image_ops import to_uint8_hwc
 from ldm.data.shapes import COLOURS, SHAPES as NAMED_SHAPES
-from ldm.data.shapes_v2 import (CONCEPTS, HUES, PATTERN_WORDS, PATTERNS, SHAPES, SIZES, STAGE1_UNSAID_WORDS,
+from ldm.data.shapes_v2 import (CONCEPTS, HUE_BLENDS, HUES, PATTERN_WORDS, PATTERNS, SHAPES, SIZES, STAGE1_UNSAID_WORDS,
                                 UNNAMEABLE_WORDS, UNNAMED_HUES, V2_SHAPES, ObjectSpec, ShapesV2Dataset, get_concepts, patterns_for,
                                 position_phrase, random_spec, render, write_concepts)
 
@@ -229,3 +230,39 @@ def test_stage2_config_continues_stage1_with_pattern_words():
     assert not re.search("|".join(STAGE1_UNSAID_WORDS), captions["stage1"])
     assert all(word in captions["stage2"].split() for word in list(PATTERN_WORDS.values()) + list(V2_SHAPES))
     assert (root / stage2.model.params.ckpt_path).is_file() and stage2.model.params.unet_config.params.position_input
+
+
+def test_hue_blend_captions_point_at_an_unnamed_hue_with_its_marker_and_change_nothing_else():
+    plain, blended = ShapesV2Dataset(length=800, seed=0), ShapesV2Dataset(length=800, seed=0, hue_blends=True)
+    markers = {marker: hue for hue, (marker, _) in HUE_BLENDS.items()}
+    used = Counter()
+    for i in range(len(plain)):
+        spec, caption = blended.spec_and_caption(i)
+        tokens = caption.split()
+        assert not set(tokens) & set(UNNAMEABLE_WORDS), caption
+        found = [markers[t] for t in tokens if t in markers]
+        assert found in ([], [spec.hue]), (spec, caption)
+        used.update(found)
+        # the same caption as without blends, less the marker: the same draws
+        assert [t for t in tokens if t not in markers] == plain.spec_and_caption(i)[1].split()
+        np.testing.assert_array_equal(plain[i]["image"], blended[i]["image"])
+    assert set(used) == set(UNNAMED_HUES) and min(used.values()) > 10
+    # each marker sits between the two colour words beside its hue on the wheel
+    wheel = sorted(HUES, key=lambda hue: colorsys.rgb_to_hsv(*(c / 255 for c in HUES[hue]))[0])
+    for hue, (marker, words) in HUE_BLENDS.items():
+        k = wheel.index(hue)
+        assert set(words) == {wheel[k - 1], wheel[(k + 1) % len(wheel)]} <= set(COLOURS), hue
+
+
+def test_stage3_config_blends_each_marker_as_the_world_says():
+    """Stage 3 continues stage 2's export on hue_blends captions; its text encoder's train_blends are HUE_BLENDS."""
+    from omegaconf import OmegaConf
+    from ldm.util import instantiate_from_config
+    root = Path(__file__).resolve().parents[1]
+    stages = [OmegaConf.load(root / f"configs/toy/txt2img-shapes-v2{s}.yaml") for s in ("", "-stage2", "-stage3")]
+    config = OmegaConf.merge(*stages)
+    assert instantiate_from_config(config.data.params.train).hue_blends
+    assert not instantiate_from_config(config.data.params.validation).hue_blends
+    blends = OmegaConf.to_container(config.model.params.cond_stage_config.params.train_blends)
+    assert blends == {marker: list(words) for marker, words in HUE_BLENDS.values()}
+    assert (root / config.model.params.ckpt_path).is_file()

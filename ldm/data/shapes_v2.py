@@ -20,8 +20,13 @@ Why patterns and shapes have words: the base model was first trained with captio
 (`pattern_words=False`, stage 1 in docs/toy_model.md). It drew every pattern, but no text -- the words
 nor a learned embedding -- could choose one: a model learns to take from its text only what its
 captions told it, and a learned word can reach only what the text pathway reaches (docs/method.md).
-An unnamed *hue* is reachable because the colour words around it span the hue circle; an identity that
-words cannot say is, as in the paper, a point no word sits on, between the ones that do.
+The same holds for a hue: trained on captions that never point at an in-between hue, the model treats colour
+words as categories, and no embedding between two of them draws the hue between (stage 2). `hue_blends`
+captions (stage 3) put a marker token where the colour word would go, and the text encoder embeds it, while the
+base model trains, as the mean of the two colour words beside the hue (`HUE_BLENDS`; `train_blends` of
+`FrozenCLIPEmbedder`). The model so learns where each in-between hue lies between the words, as a model trained on
+a world's worth of loose captions would; after training no word or token names it. An identity that words
+cannot say is then, as in the paper, a point no word sits on, between the ones that do.
 
 Sizes are two classes with a gap between them (small: side 10-13 px, large: 18-21 px) and positions
 three per axis (the box against the low edge, centred, against the high edge; within REGION_MARGIN
@@ -74,6 +79,17 @@ NOUN = "shape"  # the noun of a caption that does not name the shape
 # The v1 templates, less those that already say a size: size is a nameable attribute here.
 TEMPLATES = tuple(t for t in dict.fromkeys(imagenet_templates_small) if "small" not in t and "large" not in t)
 UNNAMEABLE_WORDS = tuple(UNNAMED_HUES)
+# hue_blends captions: each in-between hue's marker token and the colour words on either side of it. The base
+# model's text encoder (train_blends) embeds a marker as the mean of its two words while it trains, so the model
+# learns where between two colour words each in-between hue lies; no word or token names it afterwards.
+HUE_BLENDS = {
+    "orange": ("&", ("red", "yellow")),
+    "chartreuse": ("@", ("yellow", "green")),
+    "spring": ("#", ("green", "cyan")),
+    "azure": ("$", ("cyan", "blue")),
+    "violet": ("%", ("blue", "magenta")),
+    "rose": ("^", ("magenta", "red")),
+}
 # What stage-1 captions (pattern_words=False) never say either.
 STAGE1_UNSAID_WORDS = UNNAMEABLE_WORDS + V2_SHAPES + PATTERNS + ("outlined", "stripes", "stripe", "tone")
 
@@ -218,10 +234,13 @@ def position_phrase(row, column):
     return ""
 
 
-def caption_for(spec, rng, templates=TEMPLATES, empty_caption_prob=0.1, name_prob=0.6, pattern_words=True):
+def caption_for(spec, rng, templates=TEMPLATES, empty_caption_prob=0.1, name_prob=0.6, pattern_words=True,
+                hue_blends=False):
     """A caption naming each nameable attribute of spec with probability name_prob, position per axis
     ("" with empty_caption_prob). pattern_words=False gives stage 1's captions, which name neither the
-    pattern nor the v2 shapes (and, with the same rng, the same words otherwise)."""
+    pattern nor the v2 shapes (and, with the same rng, the same words otherwise). hue_blends=True puts an
+    in-between hue's HUE_BLENDS marker where a colour word would go (the same draws: the same caption
+    otherwise)."""
     if rng.random() < empty_caption_prob:
         return ""
     template = templates[rng.integers(len(templates))]
@@ -234,6 +253,8 @@ def caption_for(spec, rng, templates=TEMPLATES, empty_caption_prob=0.1, name_pro
         words.append(PATTERN_WORDS[spec.pattern])
     if named[1] and spec.hue in COLOURS:
         words.append(spec.hue)
+    elif named[1] and hue_blends:
+        words.append(HUE_BLENDS[spec.hue][0])
     words.append(spec.shape if named[2] and spec.shape in shape_words else NOUN)
     phrase = position_phrase(spec.row if named[3] else None, spec.column if named[4] else None)
     return " ".join([template.format(" ".join(words))] + ([phrase] if phrase else []))
@@ -243,9 +264,10 @@ class ShapesV2Dataset(Dataset):
     """Procedural text-to-image pairs of world v2: {"image": HWC float32 in [-1, 1], "caption": str}."""
 
     def __init__(self, size=CANVAS, length=20000, seed=0, set="train", empty_caption_prob=0.1, name_prob=0.6,
-                 pattern_words=True):
+                 pattern_words=True, hue_blends=False):
         self.size = size
         self.pattern_words = pattern_words
+        self.hue_blends = hue_blends
         self.length = length
         self.seed = seed
         self.set = set
@@ -262,7 +284,7 @@ class ShapesV2Dataset(Dataset):
         rng = np.random.default_rng([self.seed, self._stream, i])
         spec = random_spec(rng)
         return spec, caption_for(spec, rng, empty_caption_prob=self.empty_caption_prob, name_prob=self.name_prob,
-                                 pattern_words=self.pattern_words)
+                                 pattern_words=self.pattern_words, hue_blends=self.hue_blends)
 
     def __getitem__(self, i):
         spec, caption = self.spec_and_caption(i)

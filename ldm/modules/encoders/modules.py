@@ -242,18 +242,54 @@ def _load_clip(version, config):
     return load_clip_tokenizer(), CLIPTextModel(text_config)
 
 
+def _resolve_blends(encoder, blends):
+    """{marker token id: [token ids of its words]} from the train_blends config."""
+    resolved = {}
+    for marker, words in dict(blends).items():
+        if isinstance(words, str) or not words:
+            raise ValueError(f"train_blends[{marker!r}] must be a non-empty list of words, not {words!r}")
+        marker_ids = encoder.string_to_token_ids(marker)
+        if len(marker_ids) != 1:
+            raise ValueError(f"train_blends: marker {marker!r} is {len(marker_ids)} tokens {marker_ids}; it must be "
+                             "exactly one (pick another string, e.g. a single symbol such as '&')")
+        resolved[marker_ids[0]] = [encoder.string_to_token_ids(word) for word in words]
+    return resolved
+
+
+class _BlendThen:
+    """An embedding-manager callable: give each marker the mean of its words' embeddings (gradients reach those
+    words), then apply the real manager, if any."""
+
+    def __init__(self, blends, token_embedding, then=None):
+        self.blends, self.token_embedding, self.then = blends, token_embedding, then
+
+    def __call__(self, input_ids, embeds):
+        for marker, words in self.blends.items():
+            where = input_ids == marker
+            if where.any():  # a word of several tokens ("cy"+"an") counts as their mean
+                weight = self.token_embedding.weight
+                blend = torch.stack([weight[ids].mean(0) for ids in words]).mean(0).to(embeds.dtype)
+                embeds = torch.where(where[..., None], blend, embeds)
+        return embeds if self.then is None else self.then(input_ids, embeds)
+
+
 class FrozenCLIPEmbedder(AbstractEncoder):
     """CLIP's text transformer (Stable Diffusion v1), with forwards that thread an embedding manager.
 
     version: "openai/clip-vit-large-patch14" (built from its config, weights from the SD checkpoint) or a local
     directory with a saved CLIPTextModel (and optionally its tokenizer). config: CLIPTextConfig field overrides,
     e.g. small sizes for toy models. `device` is accepted for compatibility; the module's parameters decide.
+    train_blends: {marker: [word, ...]} for training a base model only (toy world v2): in training mode the
+    embedding of each single-token marker is the mean of its words' embeddings (a word's: its tokens' mean), so captions can point between
+    words (an in-between hue) without a word for the point; in eval mode a marker is an ordinary token.
     """
 
-    def __init__(self, version=CLIP_VIT_L14, device=None, max_length=77, freeze=True, config=None):
+    def __init__(self, version=CLIP_VIT_L14, device=None, max_length=77, freeze=True, config=None,
+                 train_blends=None):
         super().__init__()
         self.tokenizer, self.transformer = _load_clip(version, config)
         self.max_length = max_length
+        self.train_blends = _resolve_blends(self, train_blends or {})
         _patch_clip_forwards(self.transformer)
         _official_layout_hooks(self.transformer)
         if freeze:
@@ -293,6 +329,8 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
     def encode_tokens(self, tokens, embedding_manager=None):
         """Last hidden state (b, n, d) for token ids from `tokenize` (callers may cache them)."""
+        if self.training and self.train_blends:
+            embedding_manager = _BlendThen(self.train_blends, self.token_embedding, embedding_manager)
         return self.transformer(input_ids=tokens.to(self.device), embedding_manager=embedding_manager)
 
     def forward(self, text, embedding_manager=None):
