@@ -119,11 +119,19 @@ def parse_args(argv=None):
     return opt
 
 
+def ckpt_digest(opt):
+    """sha256 of the base model's file (once per run): a model retrained under the same path is another model."""
+    if getattr(opt, "_ckpt_sha256", None) is None:
+        import hashlib
+        opt._ckpt_sha256 = hashlib.sha256((ROOT / opt.ckpt).read_bytes()).hexdigest()
+    return opt._ckpt_sha256
+
+
 def settings_of(opt):
     """What a concept's result depends on: results made with other settings are never mixed in."""
     keys = ("recipe", "overrides", "ckpt", "max_steps", "seed", "n_samples", "ddim_steps", "scale", "sample_seed",
             "curve_every", "curve_samples", "curve_ddim_steps")
-    settings = {k: getattr(opt, k) for k in keys}
+    settings = {**{k: getattr(opt, k) for k in keys}, "ckpt_sha256": ckpt_digest(opt)}
     return settings if opt.world == "v1" else {"world": opt.world, **settings}  # v1 results stay resumable
 
 
@@ -227,7 +235,7 @@ def reference_score(model, concept, opt, folder, subject, noun, name):
     import hashlib
     import shutil
     prompt = RECONSTRUCTION.format(subject) if opt.world == "v1" else [p for p, _ in v2_prompts(subject, noun)]
-    key = {"ckpt_sha256": hashlib.sha256((ROOT / opt.ckpt).read_bytes()).hexdigest(),
+    key = {"ckpt_sha256": ckpt_digest(opt),
            "inference_config": (ROOT / opt.inference_config).read_text(), "prompt": prompt,
            "target": concept.target, **{k: getattr(opt, k) for k in ("n_samples", "ddim_steps", "scale",
                                                                       "sample_seed")}}

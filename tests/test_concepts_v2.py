@@ -95,3 +95,23 @@ def test_v2_recipe_matches_the_v2_model_configs():
     assert recipe.model.params.min_timestep == 0 and recipe.model.params.full_range_fraction == 0.0
     assert recipe.lightning.callbacks.learning_curve.params.toy_world == "v2"
     assert training.unet_config == inference.unet_config == recipe.model.params.unet_config
+
+
+def test_results_made_with_another_model_under_the_same_path_are_not_mixed_in(tmp_path):
+    """A base model retrained and exported to the same file (world v2's stage 3 replaced stage 2 in place) is
+    another model: its results must not resume from the old one's."""
+    bench = load_script("benchmark_concepts")
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"one model")
+    opt = bench.parse_args(["--world", "v2", "--ckpt", str(model), "--inference_config",
+                            "configs/toy/txt2img-shapes-v2-inference.yaml"])
+    concept = CONCEPTS[0]
+    folder = tmp_path / "out" / concept.name
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"settings": bench.settings_of(opt)}))
+    assert bench.previous_result(opt, concept, tmp_path / "out") is not None
+    model.write_bytes(b"another model")
+    opt = bench.parse_args(["--world", "v2", "--ckpt", str(model), "--inference_config",
+                            "configs/toy/txt2img-shapes-v2-inference.yaml"])
+    with pytest.raises(SystemExit, match="ckpt_sha256"):
+        bench.previous_result(opt, concept, tmp_path / "out")
