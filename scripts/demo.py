@@ -1,10 +1,12 @@
-"""`make demo`: textual inversion of the toy concept on the shipped toy model, end to end, on the CPU.
+"""`make demo`: textual inversion of a toy concept on the shipped toy model, end to end, on the CPU.
 
-1. the concept: five images of a large magenta triangle in the top half (data/toy_concept/);
-2. `main.py` learns `*` from them, starting from the word "triangle";
-3. `scripts/txt2img.py --embedding_path` samples "a photo of *" and, for comparison, "a photo of a triangle";
-4. the toy evaluator reads colour, shape, size and position off every sample and reports match rates;
-5. a grid (concept images | init-word samples | learned-`*` samples) and the numbers land in outputs/demo/.
+1. the concept: five images of one identity of toy world v2 (`ldm.data.shapes_v2.DEMO_CONCEPT`: an azure striped
+   square; azure is one of the hues no word names), in five places and both sizes (data/toy_concept_v2/);
+2. `main.py` learns `*` from them with the v2 toy default recipe, starting from the word "square";
+3. `scripts/txt2img.py --embedding_path` samples what words can say ("a photo of a striped square"), the learned
+   word ("a photo of *": reconstruction) and the learned word under an edit ("a photo of * on the left");
+4. the v2 evaluator reads hue, shape, pattern, size and position off every sample and reports match rates;
+5. a grid (concept images | the three prompts' samples) and the numbers land in outputs/demo/.
 """
 import argparse
 import json
@@ -16,8 +18,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-TARGET = "magenta triangle large top"
+from benchmark_concepts import WORLDS  # noqa: E402
+
+# The v2 toy default: the recipe chosen on benchmark v2 (docs/method.md), which the benchmark runs by default.
+DEFAULT_CONFIGS = tuple(WORLDS["v2"]["recipe"])
 
 
 def run(cmd, what):
@@ -42,9 +48,9 @@ def sample(opt, prompt, embedding, outdir):
                 "--n_rows", 16, "--skip_grid"], f"sampling {prompt!r}")
 
 
-def evaluate(images_dir, prompt, json_path):
-    run([sys.executable, "scripts/evaluate_model.py", "--images_dir", images_dir, "--toy_target", TARGET,
-         "--prompt", prompt, "--json", json_path], f"evaluating {prompt!r}")
+def evaluate(images_dir, prompt, target, json_path):
+    run([sys.executable, "scripts/evaluate_model.py", "--images_dir", images_dir, "--toy_world", "v2",
+         "--toy_target", target, "--prompt", prompt, "--json", json_path], f"evaluating {prompt!r}")
     return json.loads(Path(json_path).read_text())
 
 
@@ -65,13 +71,22 @@ def grid_png(rows, labels, path, scale=3, label_width=190):
     return path
 
 
+def prompts(concept):
+    """(key, prompt, target words, label): what words can say, the learned word, the learned word edited."""
+    return (("human", f"a photo of {concept.human_caption}", concept.target, f"'{concept.human_caption}'"),
+            ("learned", "a photo of *", concept.target, "'a photo of *'"),
+            ("edit", "a photo of * on the left", f"{concept.target} left", "'* on the left'"))
+
+
 def main(argv=None):
+    from ldm.data.shapes_v2 import DEMO_CONCEPT
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--outdir", default="outputs/demo")
-    p.add_argument("--concept", default="data/toy_concept")
-    p.add_argument("--config", default="configs/toy/finetune-shapes.yaml")
-    p.add_argument("--inference_config", default="configs/toy/txt2img-shapes-inference.yaml")
-    p.add_argument("--ckpt", default="models/toy/shapes-ldm.safetensors")
+    p.add_argument("--concept", default="data/toy_concept_v2",
+                   help="folder of the demo concept's images (written when missing)")
+    p.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS), help="main.py --base files, in order")
+    p.add_argument("--inference_config", default="configs/toy/txt2img-shapes-v2-inference.yaml")
+    p.add_argument("--ckpt", default="models/toy/shapes-v2-ldm.safetensors")
     p.add_argument("--max_steps", type=int, default=None, help="training steps (default: the config's)")
     p.add_argument("--n_samples", type=int, default=64)
     p.add_argument("--ddim_steps", type=int, default=50)
@@ -82,50 +97,48 @@ def main(argv=None):
     p.add_argument("--sample_seed", type=int, default=42)
     opt = p.parse_args(argv)
     from ldm.data.personalized import list_images
-    from ldm.data.shapes import write_concept
 
     start = time.time()
     out = Path(opt.outdir)
     out.mkdir(parents=True, exist_ok=True)
-    concept = Path(opt.concept)
-    if not concept.is_dir() or not any(concept.iterdir()):
-        print(f"writing the demo concept to {concept}")
-        write_concept(str(concept))
+    folder = Path(opt.concept)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        print(f"writing the demo concept ({DEMO_CONCEPT.target}) to {folder}")
+        DEMO_CONCEPT.write(str(folder))
     if not Path(opt.ckpt).is_file():
         raise SystemExit(f"the toy model {opt.ckpt} is missing: it ships with the repository (see docs/toy_model.md)")
 
     logdir = out / "logs"
-    train = [sys.executable, "main.py", "--base", opt.config, "-t", "--actual_resume", opt.ckpt,
-             "--data_root", concept, "--init_word", "triangle", "-n", "demo", "-l", logdir, "--seed", opt.seed,
-             "--accelerator", "cpu", "--no-test", "true"]
+    train = [sys.executable, "main.py", "--base", *opt.config, "-t", "--actual_resume", opt.ckpt,
+             "--data_root", folder, "--init_word", DEMO_CONCEPT.init_word, "-n", "demo", "-l", logdir,
+             "--seed", opt.seed, "--accelerator", "cpu", "--no-test", "true"]
     if opt.max_steps:
         train += ["--max_steps", opt.max_steps]
     train += opt.overrides
     times = {"train_s": run(train, "textual inversion of the demo concept")}
     embedding = newest_run(logdir) / "checkpoints" / "embeddings.pt"
 
-    results, rows = {}, [list_images(str(concept))]
-    for key, prompt in (("init_word", "a photo of a triangle"), ("learned", "a photo of *")):
-        folder = out / key
-        shutil.rmtree(folder, ignore_errors=True)  # the sampling script numbers on; evaluate this run's only
-        times[f"sample_{key}_s"] = sample(opt, prompt, embedding, folder)
-        images = sorted((folder / "samples").glob("*.png"))
-        report = evaluate(folder / "samples", prompt, out / f"{key}.json")
-        results[key] = {"prompt": prompt, **report["generated"]}
-        rows.append(images[:12])
-    labels = ["concept images", "a photo of a triangle", "a photo of *"]
-    grid = grid_png(rows, labels, out / "demo_grid.png")
-    summary = {"target": TARGET, "embedding": str(embedding), "n_samples": opt.n_samples, "train_seed": opt.seed,
-               "sample_seed": opt.sample_seed, "ddim_steps": opt.ddim_steps, "scale": opt.scale,
-               "results": results, "seconds": {**times, "total_s": time.time() - start}}
+    results, rows, labels = {}, [list_images(str(folder))], ["concept images"]
+    for key, prompt, target, label in prompts(DEMO_CONCEPT):
+        samples = out / key
+        shutil.rmtree(samples, ignore_errors=True)  # the sampling script numbers on; evaluate this run's only
+        times[f"sample_{key}_s"] = sample(opt, prompt, embedding, samples)
+        report = evaluate(samples / "samples", prompt, target, out / f"{key}.json")
+        results[key] = {"prompt": prompt, "target": target, **report["generated"]}
+        rows.append(sorted((samples / "samples").glob("*.png"))[:12])
+        labels.append(label)
+    grid = grid_png(rows, labels, out / "demo_grid.png", label_width=250)
+    summary = {"concept": DEMO_CONCEPT.name, "embedding": str(embedding), "n_samples": opt.n_samples,
+               "train_seed": opt.seed, "sample_seed": opt.sample_seed, "ddim_steps": opt.ddim_steps,
+               "scale": opt.scale, "results": results, "seconds": {**times, "total_s": time.time() - start}}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
 
-    print(f"\n=== results (target: {TARGET}; {opt.n_samples} samples each, seed {opt.sample_seed})")
-    metrics = [m for m in results["learned"] if m.startswith("toy_")]
-    print(f"{'':28}" + "".join(f"{m[4:]:>10}" for m in metrics))
-    for key, r in results.items():
-        print(f"{r['prompt']:28}" + "".join(f"{r[m]:>10.2f}" for m in metrics))
-    print(f"\ngrid (concept | 'a photo of a triangle' | 'a photo of *'): {grid}")
+    print(f"\n=== results (concept: {DEMO_CONCEPT.target}; {opt.n_samples} samples each, seed {opt.sample_seed})")
+    metrics = ("toy_hue", "toy_pattern", "toy_shape", "toy_column", "toy_joint")
+    print(f"{'':36}" + "".join(f"{m[4:]:>9}" for m in metrics))
+    for r in results.values():
+        print(f"{r['prompt']:36}" + "".join(f"{r[m]:>9.2f}" if m in r else f"{'-':>9}" for m in metrics))
+    print(f"\ngrid (concept | {' | '.join(labels[1:])}): {grid}")
     print(f"numbers: {out / 'results.json'}; total {time.time() - start:.0f} s")
     return summary
 
