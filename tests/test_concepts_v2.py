@@ -94,6 +94,7 @@ def test_v2_recipe_matches_the_v2_model_configs():
     assert recipe.model.params.personalization_config.target == "ldm.modules.xti.XTIEmbeddingManager"
     assert recipe.model.params.min_timestep == 0 and recipe.model.params.full_range_fraction == 0.0
     assert recipe.lightning.callbacks.learning_curve.params.toy_world == "v2"
+    assert recipe.lightning.trainer.max_steps == 600  # the steps the default was measured at (issue 16: <= 1200)
     assert training.unet_config == inference.unet_config == recipe.model.params.unet_config
 
 
