@@ -86,5 +86,9 @@ def test_shipped_v2_model_reaches_every_unnamed_hue_between_its_colour_words(tmp
     prompts = json.loads((tmp_path / "between.json").read_text())["prompts"]
     assert all("*" in p["prompt"].split() for p in prompts) and len(prompts) == 18
     assert mean["colour"] >= 0.9 and mean["shape"] >= 0.75 and mean["pattern"] >= 0.6, mean
+    from ldm.data.shapes_v2 import UNNAMED_HUES
+    per_hue = len(prompts) // len(UNNAMED_HUES)  # the prompts go hue by hue
+    by_hue = {hue: [p["colour"] for p in prompts[k * per_hue:(k + 1) * per_hue]] for k, hue in enumerate(UNNAMED_HUES)}
+    assert all(sum(rates) / len(rates) >= 0.75 for rates in by_hue.values()), by_hue  # each hue, not on average
     with pytest.raises(SystemExit, match="--world v2"):
         load_script("evaluate_toy_base").main(["--between"])

@@ -11,8 +11,8 @@ from PIL import Image
 from evaluation.shapes_v2_eval import analyse_image, evaluate_images, parse_target, target_of
 from ldm.data.image_ops import to_uint8_hwc
 from ldm.data.shapes import COLOURS, SHAPES as NAMED_SHAPES
-from ldm.data.shapes_v2 import (CONCEPTS, HUE_BLENDS, HUES, PATTERN_WORDS, PATTERNS, SHAPES, SIZES, STAGE1_UNSAID_WORDS,
-                                UNNAMEABLE_WORDS, UNNAMED_HUES, V2_SHAPES, ObjectSpec, ShapesV2Dataset, get_concepts, patterns_for,
+from ldm.data.shapes_v2 import (CONCEPTS, HUE_BLENDS, HUES, PATTERN_WORDS, PATTERNS, SHAPES, SIZES,
+                                STAGE1_UNSAID_WORDS, UNNAMEABLE_WORDS, UNNAMED_HUES, V2_SHAPES, ObjectSpec, ShapesV2Dataset, get_concepts, patterns_for,
                                 position_phrase, random_spec, render, write_concepts)
 
 

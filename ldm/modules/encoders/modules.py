@@ -280,8 +280,9 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     directory with a saved CLIPTextModel (and optionally its tokenizer). config: CLIPTextConfig field overrides,
     e.g. small sizes for toy models. `device` is accepted for compatibility; the module's parameters decide.
     train_blends: {marker: [word, ...]} for training a base model only (toy world v2): in training mode the
-    embedding of each single-token marker is the mean of its words' embeddings (a word's: its tokens' mean), so captions can point between
-    words (an in-between hue) without a word for the point; in eval mode a marker is an ordinary token.
+    embedding of each single-token marker is the mean of its words' embeddings (a word's: its tokens' mean), so
+    captions can point between words (an in-between hue) without a word for the point; in eval mode a marker is an
+    ordinary token.
     """
 
     def __init__(self, version=CLIP_VIT_L14, device=None, max_length=77, freeze=True, config=None,
