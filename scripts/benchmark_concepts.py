@@ -38,9 +38,10 @@ V2_OVERLAY = "finetune-shapes-v2.yaml"  # what the v2 model needs on top of any 
 WORLDS = {
     "v1": dict(recipe=[DEFAULT_RECIPE], data="data/concepts", ckpt="models/toy/shapes-ldm.safetensors",
                inference_config="configs/toy/txt2img-shapes-inference.yaml", quick=QUICK_CONCEPTS),
-    # v2's recipe: the original's with XTI (one vector per cross-attention layer), the best sum of reconstruction and
-    # editability in the paper's ablation on world v2 (docs/method.md), with the v2 model's overlay
-    "v2": dict(recipe=[DEFAULT_RECIPE, "configs/toy/recipes/original.yaml", "configs/toy/recipes/xti.yaml",
+    # v2's recipe: the original's with the paper's progressive words (three vectors, switched on one at a time), the
+    # best sum of reconstruction and editability in the paper's ablation on world v2 and on all twelve concepts
+    # (docs/method.md), with the v2 model's overlay
+    "v2": dict(recipe=[DEFAULT_RECIPE, "configs/toy/recipes/original.yaml", "configs/toy/recipes/progressive.yaml",
                        f"configs/toy/{V2_OVERLAY}"],
                data="data/concepts_v2",
                ckpt="models/toy/shapes-v2-ldm.safetensors",

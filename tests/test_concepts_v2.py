@@ -81,8 +81,8 @@ def test_v2_benchmark_scores_reconstruction_and_editability_and_resumes(tmp_path
 
 def test_v2_recipe_matches_the_v2_model_configs():
     """The benchmark's v2 recipe learns on the model the v2 configs describe: v-prediction, the v2 latent scale,
-    the original's single vector once per cross-attention layer (XTI, the ablation's best sum), curves scored in
-    world v2."""
+    the original's recipe with progressive words (three vectors switched on one at a time: the ablation's best sum),
+    curves scored in world v2."""
     from omegaconf import OmegaConf
     worlds = load_script("benchmark_concepts").WORLDS
     recipe = OmegaConf.merge(*(OmegaConf.load(ROOT / p) for p in worlds["v2"]["recipe"]))
@@ -90,8 +90,9 @@ def test_v2_recipe_matches_the_v2_model_configs():
     training = OmegaConf.load(ROOT / "configs/toy/txt2img-shapes-v2.yaml").model.params
     for key in ("parameterization", "scale_factor"):
         assert recipe.model.params[key] == inference[key] == training[key], key
-    assert recipe.model.params.personalization_config.params.num_vectors_per_token == 1
-    assert recipe.model.params.personalization_config.target == "ldm.modules.xti.XTIEmbeddingManager"
+    manager = recipe.model.params.personalization_config
+    assert manager.target == "ldm.modules.embedding_manager.EmbeddingManager"  # one context for every layer
+    assert manager.params.num_vectors_per_token == 3 and manager.params.progressive_words
     assert recipe.model.params.min_timestep == 0 and recipe.model.params.full_range_fraction == 0.0
     assert recipe.lightning.callbacks.learning_curve.params.toy_world == "v2"
     assert recipe.lightning.trainer.max_steps == 600  # the steps the default was measured at (issue 16: <= 1200)
