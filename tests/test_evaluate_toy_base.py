@@ -67,7 +67,7 @@ V2_CKPT = ROOT / "models/toy/shapes-v2-ldm.safetensors"
 def test_shipped_v2_model_obeys_the_nameable_words(tmp_path):
     # The v2 base model exists so that edits by position and size words can be measured, and so that the words
     # for patterns and shapes steer what a learned word must keep: it must obey them. Full evaluation
-    # (docs/toy_model.md): colour 100%, shape 91%, pattern 82%, size 99%, position 100%; here a 72-sample slice,
+    # (docs/toy_model.md): colour 100%, shape 92%, pattern 95%, size 99%, position 100%; here a 72-sample slice,
     # so the floors sit below those numbers (chance: position 1/9-1/3, size 1/2, pattern 1/4).
     mean = load_script("evaluate_toy_base").main(
         ["--world", "v2", "--ddim_steps", "25", "--n_samples", "4", "--half", "--json", str(tmp_path / "v2.json")])
