@@ -37,6 +37,7 @@ from ldm.config_trust import load_trusted_config  # noqa: E402
 from ldm.data.shapes import COLOURS, SHAPES  # noqa: E402
 from ldm.data import shapes_v2  # noqa: E402
 from ldm.models.diffusion.generate import SAMPLERS  # noqa: E402
+from ldm.modules.encoders.modules import mean_of_words  # noqa: E402
 
 
 # The v2 prompts' positions: every cell of the 3x3 grid, a corner's row or column alone where one is None.
@@ -67,19 +68,14 @@ def v2_prompts(half=False, between=False):
     return triples
 
 
-def blend_vector(encoder, words):
-    """The embedding train_blends gives a marker of `words`: the mean of the words' (each its tokens' mean)."""
-    weight = encoder.token_embedding.weight
-    return torch.stack([weight[encoder.string_to_token_ids(w)].mean(0) for w in words]).mean(0, keepdim=True)
-
-
 def evaluate_v2(model, n_samples, ddim_steps, scale, seed, batch_size=64, sampler="ddim", half=False,
                 between=False):
     rows = []
     for prompt, target, offset in v2_prompts(half, between):
         if between:
-            vector = blend_vector(model.cond_stage_model, shapes_v2.HUE_BLENDS[target["hue"]][1])
-            model.embedding_manager.string_to_param_dict["*"].data.copy_(vector)
+            encoder, words = model.cond_stage_model, shapes_v2.HUE_BLENDS[target["hue"]][1]
+            vector = mean_of_words(encoder.token_embedding, [encoder.string_to_token_ids(w) for w in words])
+            model.embedding_manager.string_to_param_dict["*"].data.copy_(vector[None])  # as train_blends embeds it
         images = sample_images(model, prompt, n_samples, ddim_steps=ddim_steps, scale=scale,
                                batch_size=batch_size, seed=seed + offset, sampler=sampler)
         scores = shapes_v2_eval.evaluate_images(list(images), target)

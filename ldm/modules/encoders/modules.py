@@ -256,6 +256,13 @@ def _resolve_blends(encoder, blends):
     return resolved
 
 
+def mean_of_words(token_embedding, words_ids):
+    """(d,) mean of the words' embeddings, each word's the mean of its tokens' ("cy"+"an"): a train_blends marker's
+    embedding, differentiable in the words'."""
+    weight = token_embedding.weight
+    return torch.stack([weight[ids].mean(0) for ids in words_ids]).mean(0)
+
+
 class _BlendThen:
     """An embedding-manager callable: give each marker the mean of its words' embeddings (gradients reach those
     words), then apply the real manager, if any."""
@@ -264,11 +271,10 @@ class _BlendThen:
         self.blends, self.token_embedding, self.then = blends, token_embedding, then
 
     def __call__(self, input_ids, embeds):
-        for marker, words in self.blends.items():
+        for marker, words_ids in self.blends.items():
             where = input_ids == marker
-            if where.any():  # a word of several tokens ("cy"+"an") counts as their mean
-                weight = self.token_embedding.weight
-                blend = torch.stack([weight[ids].mean(0) for ids in words]).mean(0).to(embeds.dtype)
+            if where.any():
+                blend = mean_of_words(self.token_embedding, words_ids).to(embeds.dtype)
                 embeds = torch.where(where[..., None], blend, embeds)
         return embeds if self.then is None else self.then(input_ids, embeds)
 
