@@ -133,7 +133,7 @@ def settings_of(opt):
     keys = ("recipe", "overrides", "ckpt", "max_steps", "seed", "n_samples", "ddim_steps", "scale", "sample_seed",
             "curve_every", "curve_samples", "curve_ddim_steps")
     settings = {**{k: getattr(opt, k) for k in keys}, "ckpt_sha256": ckpt_digest(opt)}
-    return settings if opt.world == "v1" else {"world": opt.world, **settings}  # v1 results stay resumable
+    return settings if opt.world == "v1" else {"world": opt.world, **settings}  # v1's keep their old keys
 
 
 def run(cmd, log_path):

@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark_concepts import WORLDS  # noqa: E402
+from benchmark_concepts import EDITS, RECONSTRUCTION, WORLDS  # noqa: E402
 
-# The v2 toy default: the recipe chosen on benchmark v2 (docs/method.md), which the benchmark runs by default.
-DEFAULT_CONFIGS = tuple(WORLDS["v2"]["recipe"])
+# The v2 toy default (the recipe chosen on benchmark v2, docs/method.md), model and sampling config: the benchmark's.
+V2 = WORLDS["v2"]
 
 
 def run(cmd, what):
@@ -72,10 +72,12 @@ def grid_png(rows, labels, path, scale=3, label_width=190):
 
 
 def prompts(concept):
-    """(key, prompt, target words, label): what words can say, the learned word, the learned word edited."""
-    return (("human", f"a photo of {concept.human_caption}", concept.target, f"'{concept.human_caption}'"),
-            ("learned", "a photo of *", concept.target, "'a photo of *'"),
-            ("edit", "a photo of * on the left", f"{concept.target} left", "'* on the left'"))
+    """(key, prompt, target words, label): what words can say, the learned word, the learned word edited (the
+    benchmark's reconstruction prompt and first edit)."""
+    edit, asked = EDITS[0]
+    return (("human", RECONSTRUCTION.format(concept.human_caption), concept.target, f"'{concept.human_caption}'"),
+            ("learned", RECONSTRUCTION.format("*"), concept.target, f"'{RECONSTRUCTION.format('*')}'"),
+            ("edit", edit.format("*"), f"{concept.target} {asked}", f"'{edit.format('*')}'"))
 
 
 def main(argv=None):
@@ -84,9 +86,9 @@ def main(argv=None):
     p.add_argument("--outdir", default="outputs/demo")
     p.add_argument("--concept", default="data/toy_concept_v2",
                    help="folder of the demo concept's images (written when missing)")
-    p.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS), help="main.py --base files, in order")
-    p.add_argument("--inference_config", default="configs/toy/txt2img-shapes-v2-inference.yaml")
-    p.add_argument("--ckpt", default="models/toy/shapes-v2-ldm.safetensors")
+    p.add_argument("--config", nargs="+", default=list(V2["recipe"]), help="main.py --base files, in order")
+    p.add_argument("--inference_config", default=V2["inference_config"])
+    p.add_argument("--ckpt", default=V2["ckpt"])
     p.add_argument("--max_steps", type=int, default=None, help="training steps (default: the config's)")
     p.add_argument("--n_samples", type=int, default=64)
     p.add_argument("--ddim_steps", type=int, default=50)
